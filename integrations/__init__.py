@@ -1,0 +1,1 @@
+"""memo.integrations: Hugging Face, Accelerate and DeepSpeed glue."""

@@ -1,0 +1,8 @@
+"""memo: token-wise activation swapping, ring attention and planned memory for HF models."""
+
+from memo.backend import backend_info
+from memo.config import MemoConfig
+from memo.errors import MemoError
+
+__all__ = ["MemoConfig", "MemoError", "backend_info"]
+__version__ = "0.1.0"

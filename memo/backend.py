@@ -1,0 +1,23 @@
+"""Which backends are active, and why the others are not (``memo.backend_info()``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def backend_info() -> dict:
+    """A dict saying which device, copy ops and attention backends memo uses, with reasons."""
+    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    info = {
+        "device": str(accel) if accel is not None else "cpu",
+        "streams": ("real copy streams on " + str(accel)) if accel is not None
+        else "cpu: torch.Stream/torch.Event are no-ops, copies run synchronously on the same code path",
+        "pinned_host_memory": accel is not None,
+        "torch": torch.__version__,
+    }
+    try:
+        import flash_attn  # noqa: F401
+        info["flash_attn"] = "available"
+    except ImportError:
+        info["flash_attn"] = "not installed (optional extra: pip install 'memo[flash]')"
+    return info

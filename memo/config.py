@@ -1,0 +1,89 @@
+"""MemoConfig: what a user chooses. Every default says why it is what it is."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from memo.errors import MemoError
+from memo.planner.units import UnitError, parse_bytes
+
+_OFFLOAD_DTYPES = ("keep", "bf16", "fp16")
+
+
+def _available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); total physical memory otherwise."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError as e:
+        raise MemoError("memo.config: cannot read /proc/meminfo to size the host budget; "
+                        "pass MemoConfig(host_memory_budget='64GiB')") from e
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class MemoConfig:
+    # Fraction of each non-input, non-attention activation's tokens that is swapped; the rest is
+    # recomputed token-wise before the backward. "auto" solves the paper's alpha program from the
+    # first step's measured layer time, the measured copy bandwidth and the host budget.
+    swap_ratio: Union[float, str] = "auto"
+    # Host bytes this rank may use for swapped activations. None: half of the memory available
+    # now, divided among the ranks of this node (LOCAL_WORLD_SIZE), so the OS and data loaders keep
+    # the rest. Accepts ints or strings such as "64GiB".
+    host_memory_budget: Union[int, str, None] = None
+    # The paper keeps the last two layers on the device: their backward starts right after their
+    # forward, so swapping them out would only be copied straight back.
+    keep_last_layers: int = 2
+    # Tokens per chunk of the LM head and loss, so (sequence x vocabulary) logits never exist.
+    # 4096 tokens x 128K vocabulary x fp32 = 2 GiB per chunk. None leaves the model's own loss.
+    loss_chunk_size: Optional[int] = 4096
+    # "keep" swaps activations in their own dtype (exact). "bf16"/"fp16" store fp32 activations at
+    # half size on the host (lossy: gradients are then no longer bit-exact).
+    offload_dtype: str = "keep"
+    # A plan file from `memo plan --out`; its alpha (and arena offsets) are used.
+    plan: Optional[str] = None
+    # Off switch that keeps call sites unchanged (`memo.wrap(model, MemoConfig(enabled=False))`).
+    enabled: bool = True
+    # Resolved byte budget (filled in by __post_init__).
+    host_budget_bytes: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.swap_ratio, str):
+            if self.swap_ratio != "auto":
+                try:
+                    self.swap_ratio = float(self.swap_ratio)
+                except ValueError as e:
+                    raise MemoError(f"memo.config: swap_ratio={self.swap_ratio!r} is neither a number nor "
+                                    f"'auto'; use a float in [0, 1] or 'auto'") from e
+        if not isinstance(self.swap_ratio, str):
+            if isinstance(self.swap_ratio, bool) or not 0.0 <= float(self.swap_ratio) <= 1.0:
+                raise MemoError(f"memo.config: swap_ratio={self.swap_ratio!r} is outside [0, 1]; use a fraction "
+                                f"of tokens to swap (1.0 swaps all, 0.0 recomputes all) or 'auto'")
+            self.swap_ratio = float(self.swap_ratio)
+        if not isinstance(self.keep_last_layers, int) or self.keep_last_layers < 0:
+            raise MemoError(f"memo.config: keep_last_layers={self.keep_last_layers!r} must be an int >= 0")
+        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size <= 0):
+            raise MemoError(f"memo.config: loss_chunk_size={self.loss_chunk_size!r} must be a positive int or None")
+        if self.offload_dtype not in _OFFLOAD_DTYPES:
+            raise MemoError(f"memo.config: offload_dtype={self.offload_dtype!r} is not one of {_OFFLOAD_DTYPES}")
+        if self.host_memory_budget is None:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            self.host_budget_bytes = _available_host_bytes() // 2 // max(local, 1)
+        else:
+            try:
+                self.host_budget_bytes = parse_bytes(self.host_memory_budget)
+            except UnitError as e:
+                raise MemoError(f"memo.config: host_memory_budget: {e}") from e
+
+    @property
+    def offload_torch_dtype(self) -> Optional[torch.dtype]:
+        return {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.offload_dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)

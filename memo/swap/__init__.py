@@ -1,0 +1,1 @@
+"""memo.swap: the host pool and the engine that moves token slices between device and host."""
