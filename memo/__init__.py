@@ -6,3 +6,7 @@ from memo.errors import MemoError
 
 __all__ = ["MemoConfig", "MemoError", "backend_info"]
 __version__ = "0.1.0"
+
+from memo.wrap import stats, unwrap, wrap  # noqa: E402
+
+__all__ += ["wrap", "unwrap", "stats"]

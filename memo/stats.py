@@ -1,0 +1,61 @@
+"""What memo did in the last step: per-layer bytes swapped, recomputed and kept, pool and timings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from memo.planner.units import format_bytes
+
+
+@dataclass
+class LayerStats:
+    index: int
+    kept: bool                 # one of the last keep_last_layers: nothing swapped
+    activation_bytes: int = 0  # device bytes the layer's saved activations occupy during its forward
+    swapped_bytes: int = 0     # bytes copied to the host pool
+    recomputed_bytes: int = 0  # bytes dropped after the forward and recomputed before the backward
+    resident_bytes: int = 0    # activation bytes still on the device after the forward pass
+    forward_s: float = 0.0
+    recompute_s: float = 0.0
+
+
+@dataclass
+class MemoStats:
+    layers: list[LayerStats]
+    host_pool: dict
+    swap_ratio: Optional[float]
+    swap_ratio_setting: object
+    swap_ratio_reason: str
+    step: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def swapped_bytes(self) -> int:
+        return sum(layer.swapped_bytes for layer in self.layers)
+
+    @property
+    def recomputed_bytes(self) -> int:
+        return sum(layer.recomputed_bytes for layer in self.layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(layer.resident_bytes for layer in self.layers)
+
+    def __str__(self) -> str:
+        ratio = "n/a" if self.swap_ratio is None else f"{self.swap_ratio:.3f}"
+        lines = [f"memo: swap_ratio {ratio} ({self.swap_ratio_setting}); {self.swap_ratio_reason}",
+                 f"{'layer':>5} {'kept':>4} {'activations':>12} {'swapped':>12} {'recomputed':>12} "
+                 f"{'resident':>12} {'fwd s':>8} {'recomp s':>8}"]
+        for s in self.layers:
+            lines.append(f"{s.index:>5} {'yes' if s.kept else 'no':>4} {format_bytes(s.activation_bytes):>12} "
+                         f"{format_bytes(s.swapped_bytes):>12} {format_bytes(s.recomputed_bytes):>12} "
+                         f"{format_bytes(s.resident_bytes):>12} {s.forward_s:>8.3f} {s.recompute_s:>8.3f}")
+        pool = self.host_pool
+        lines.append(f"host pool: reserved {format_bytes(pool.get('reserved_bytes', 0))}, high water "
+                     f"{format_bytes(pool.get('high_water_bytes', 0))}, in use {format_bytes(pool.get('used_bytes', 0))}")
+        if self.step:
+            lines.append("last step: " + ", ".join(f"{k} {v:.3f}" for k, v in self.step.items()))
+        return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The swap engine: copy streams, events and the two in-flight slots (even and odd layers).
+
+# NOTE [ Swap stream ordering ]
+#
+# 1. Layer i's copies out run on the D2H stream after it waits for the compute stream at the
+#    end of layer i's forward, and after the last copy in (so a reused host block is not
+#    overwritten while an H2D copy still reads it).
+# 2. Layer i's device tensors stay referenced in slot ``i % 2`` until layer i+2 starts its
+#    forward. There the compute stream waits for layer i's ``d2h_event`` before the references
+#    are dropped, so the caching allocator hands their memory to layer i+2 only after the copy
+#    (the paper's two rounding buffers). At the end of the forward pass both slots drain.
+# 3. Prefetch of layer i allocates its device buffers on the compute stream; the H2D stream
+#    waits for that and for layer i's ``d2h_event``, copies, and records ``h2d_event``.
+# 4. Before layer i's backward reads anything, the compute stream waits for ``h2d_event``.
+#    Host blocks are freed only after that wait (rule 1 orders the next forward's copies out).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from memo.swap.host_pool import HostPool
+from memo.swap.streams import Streams
+
+if TYPE_CHECKING:
+    from memo.executor import LayerState
+
+
+class SwapEngine:
+    def __init__(self, device: torch.device, pool: HostPool) -> None:
+        self.streams = Streams(device)
+        self.pool = pool
+        self.slots: list[Optional["LayerState"]] = [None, None]
+        self.last_h2d_event = None
+        self.swap_out_s = 0.0
+        self.swap_in_s = 0.0
+        self.wait_s = 0.0
+
+    def layer_starting(self, parity: int) -> None:
+        """Layer i is about to run its forward: release layer i-2. See NOTE rule 2."""
+        self._release(parity)
+
+    def _release(self, parity: int) -> None:
+        state = self.slots[parity]
+        if state is None:
+            return
+        self.slots[parity] = None
+        self.streams.compute.wait_event(state.d2h_event)
+        state.release_sources()
+
+    def swap_out(self, state: "LayerState") -> None:
+        s = self.streams
+        start = time.perf_counter()
+        forward_done = s.event(s.compute)
+        with s.use(s.d2h):
+            s.d2h.wait_event(forward_done)
+            if self.last_h2d_event is not None:
+                s.d2h.wait_event(self.last_h2d_event)
+            for rec in state.records.values():
+                rec.copy_out(self.pool)
+            state.d2h_event = s.event(s.d2h)
+        parity = state.index % 2
+        self._release(parity)
+        self.slots[parity] = state
+        self.swap_out_s += time.perf_counter() - start
+
+    def drain(self) -> None:
+        """End of the forward pass: release both slots (NOTE rule 2)."""
+        self._release(0)
+        self._release(1)
+
+    def prefetch(self, state: "LayerState") -> None:
+        """Start copying layer ``state`` back (NOTE rule 3)."""
+        s = self.streams
+        start = time.perf_counter()
+        for rec in state.records.values():
+            rec.allocate_device()
+        allocated = s.event(s.compute)
+        with s.use(s.h2d):
+            s.h2d.wait_event(allocated)
+            s.h2d.wait_event(state.d2h_event)
+            for rec in state.records.values():
+                rec.copy_in()
+            state.h2d_event = s.event(s.h2d)
+        self.last_h2d_event = state.h2d_event
+        state.prefetched = True
+        self.swap_in_s += time.perf_counter() - start
+
+    def wait_restored(self, state: "LayerState") -> None:
+        start = time.perf_counter()
+        self.streams.compute.wait_event(state.h2d_event)
+        self.wait_s += time.perf_counter() - start
+
+    def reset_timers(self) -> None:
+        self.swap_out_s = self.swap_in_s = self.wait_s = 0.0
