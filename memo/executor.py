@@ -108,7 +108,7 @@ class LayerState:
             f"{saved[index].shape if index < len(saved) else 'nothing'} (bug in memo)")
         cls = self.classify(t)
         if cls in (SavedClass.PARAM, SavedClass.SHARED):
-            return t
+            return t.detach()   # See NOTE [ Pack returns a detached tensor ] in memo/trace.py
         key = storage_key(t)
         self.groups.setdefault(key, []).append((index, t))
         self.handles += 1
@@ -152,7 +152,12 @@ class LayerState:
         self.runtime.engine.swap_out(self)
 
     def release_sources(self) -> None:
-        """Drop the device tensors of the forward (their copies are done; see the engine)."""
+        """Drop the device tensors of the forward after the compute stream waited for their copies.
+
+        See NOTE [ Swap stream ordering ] rule 2.
+        """
+        if self.d2h_event is not None and self.call.hidden_states is not None:
+            self.runtime.engine.streams.compute.wait_event(self.d2h_event)
         for rec in self.records.values():
             rec.source = None
         self.call.hidden_states = None
@@ -219,8 +224,8 @@ class LayerState:
         captured: list[torch.Tensor] = []
 
         def capture(t):
-            captured.append(t)
-            return t
+            captured.append(t.detach())
+            return captured[-1]
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t), \
                 AttentionKernelMode(replay=replay):
@@ -243,6 +248,8 @@ class LayerState:
 
     def __del__(self) -> None:
         # NOTE [ Layer state machine ] rule 5: the graph is gone; give the host blocks back.
+        if getattr(self, "d2h_event", None) is not None:
+            self.release_sources()
         for rec in getattr(self, "records", {}).values():
             rec.free_host()
 

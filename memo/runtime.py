@@ -102,7 +102,7 @@ class MemoRuntime:
         def count(t):
             if classify(t) not in (SavedClass.PARAM, SavedClass.SHARED):
                 seen[storage_key(t)] = t.untyped_storage().nbytes()
-            return t
+            return t.detach()   # See NOTE [ Pack returns a detached tensor ] in memo/trace.py
 
         start = self._now()
         with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):

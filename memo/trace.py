@@ -18,6 +18,14 @@ a shorter prefix of it, and the dimensions whose size changed are the token dime
 # 5. OTHER: everything else. Built from INPUT and ATTN_OUT by per-token operations, so the last
 #    ``alpha`` share of its tokens is swapped and the rest recomputed. An OTHER tensor with no
 #    token dimension, or with two (an S x S mask built inside attention), is swapped in full.
+
+# NOTE [ Pack returns a detached tensor ]
+#
+# A pack hook that returns its argument itself makes a reference cycle when the tensor is an
+# output of the node saving it (rsqrt, exp and SDPA save their results): node -> packed object
+# -> tensor -> grad_fn -> node, through C++ where Python's collector cannot see it, so the graph
+# of a forward without backward would never be freed. Every memo pack hook that keeps a tensor
+# returns ``t.detach()``: same storage and values, no grad_fn.
 """
 
 from __future__ import annotations
@@ -247,7 +255,7 @@ def _run_recording(layer_forward: Callable, layer: torch.nn.Module, call: LayerC
 
     def pack(t):
         saved.append((classify(t), tuple(t.shape), t.dtype, tuple(t.stride()), t.storage_offset(), storage_key(t)))
-        return t
+        return t.detach()   # NOTE [ Pack returns a detached tensor ]
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernel_mode:
         layer_forward(hidden, *call.args, **kwargs)

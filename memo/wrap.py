@@ -74,7 +74,9 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
     for i, layer in enumerate(layers):
         runtime.originals[i] = layer.forward
         layer.forward = functools.partial(_layer_forward, runtime, i, layer)
-    runtime.hook = base.register_forward_hook(lambda module, args, output: runtime.end_forward())
+    runtime.base = base
+    runtime.original_base_forward = base.forward
+    base.forward = functools.partial(_decoder_stack_forward, runtime)
     if config.loss_chunk_size is not None and hasattr(model, "lm_head"):
         _check_chunkable(model)
         runtime.original_model_forward = model.forward
@@ -87,6 +89,18 @@ def _layer_forward(runtime: MemoRuntime, index: int, layer: torch.nn.Module, hid
     return runtime.run_layer(index, layer, hidden_states, args, kwargs)
 
 
+def _decoder_stack_forward(runtime: MemoRuntime, *args, **kwargs):
+    """The decoder stack's forward; whether it returns or raises, the in-flight layers are drained.
+
+    Draining on an exception matters: an in-flight layer references its saved tensors, whose
+    autograd nodes reference the layer's handles, a cycle that only the release breaks.
+    """
+    try:
+        return runtime.original_base_forward(*args, **kwargs)
+    finally:
+        runtime.end_forward()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Remove memo from ``model`` (in place) and return it."""
     runtime: Optional[MemoRuntime] = getattr(model, _ATTR, None)
@@ -95,7 +109,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for i, layer in enumerate(runtime.layers):
         if "forward" in layer.__dict__:
             del layer.forward
-    runtime.hook.remove()
+    del runtime.base.forward
     if getattr(runtime, "original_model_forward", None) is not None:
         del model.forward
     runtime.close()

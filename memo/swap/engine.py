@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -33,7 +34,9 @@ class SwapEngine:
     def __init__(self, device: torch.device, pool: HostPool) -> None:
         self.streams = Streams(device)
         self.pool = pool
-        self.slots: list[Optional["LayerState"]] = [None, None]
+        # Weak: a layer whose graph was dropped (an exception in the forward) must be collectable;
+        # its __del__ orders the release after its copies (NOTE rule 2).
+        self.slots: list[Optional[weakref.ref]] = [None, None]
         self.last_h2d_event = None
         self.swap_out_s = 0.0
         self.swap_in_s = 0.0
@@ -44,12 +47,11 @@ class SwapEngine:
         self._release(parity)
 
     def _release(self, parity: int) -> None:
-        state = self.slots[parity]
-        if state is None:
-            return
+        ref = self.slots[parity]
         self.slots[parity] = None
-        self.streams.compute.wait_event(state.d2h_event)
-        state.release_sources()
+        state = ref() if ref is not None else None
+        if state is not None:
+            state.release_sources()
 
     def swap_out(self, state: "LayerState") -> None:
         s = self.streams
@@ -64,7 +66,7 @@ class SwapEngine:
             state.d2h_event = s.event(s.d2h)
         parity = state.index % 2
         self._release(parity)
-        self.slots[parity] = state
+        self.slots[parity] = weakref.ref(state)
         self.swap_out_s += time.perf_counter() - start
 
     def drain(self) -> None:

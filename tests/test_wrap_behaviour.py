@@ -1,0 +1,174 @@
+"""memo.wrap's contract: bad input refused early, host memory bounded, auto ratio, stats."""
+
+import gc
+import resource
+import warnings
+
+import pytest
+import torch
+
+import memo
+from memo import MemoConfig, MemoError
+from memo.wrap import runtime_of
+from models import batch, build, run_step, twin
+
+
+def _wrap(model, **kw):
+    kw.setdefault("loss_chunk_size", None)
+    kw.setdefault("host_memory_budget", "1GiB")
+    return memo.wrap(model, MemoConfig(**kw))
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, "most", True])
+def test_bad_swap_ratio(ratio):
+    with pytest.raises(MemoError, match="swap_ratio"):
+        MemoConfig(swap_ratio=ratio)
+
+
+def test_bad_budget_string():
+    with pytest.raises(MemoError, match="host_memory_budget"):
+        MemoConfig(host_memory_budget="plenty")
+
+
+def test_budget_too_small_is_refused_before_the_first_forward_with_the_budget_that_suffices():
+    model = _wrap(build("llama"), swap_ratio=1.0, host_memory_budget=4096)
+    from torch._subclasses.fake_tensor import FakeTensor
+    ran = []   # real (not traced) runs of the first layer's attention
+    model.model.layers[0].self_attn.register_forward_hook(
+        lambda mod, args, out: ran.append(1) if not isinstance(out[0], FakeTensor) else None)
+    ids, mask, labels = batch(1, 64)
+    with pytest.raises(MemoError, match=r"host_memory_budget='1GiB'.*0\.0 needs") as e:
+        model(input_ids=ids, labels=labels)
+    assert not ran, "the error must come before any layer computed"
+    assert "swap_ratio=1.0 needs" in str(e.value)
+
+
+def test_auto_budget_too_small_even_for_inputs():
+    model = _wrap(build("llama"), swap_ratio="auto", host_memory_budget=4096)
+    ids, _, labels = batch(1, 64)
+    with pytest.raises(MemoError, match="cannot hold the layer inputs"):
+        model(input_ids=ids, labels=labels)
+
+
+def test_auto_ratio_limited_by_host_budget():
+    probe = _wrap(build("llama"), swap_ratio=1.0)
+    run_step(probe, [batch(1, 128)])
+    rt = runtime_of(probe)
+    budget = int(rt.sizes["fixed_bytes_per_layer"] * 2 + rt.sizes["other_bytes_per_layer"] * 2 * 0.5) + 4096
+    model = _wrap(build("llama"), swap_ratio="auto", host_memory_budget=budget)
+    run_step(model, [batch(1, 128)])
+    st = memo.stats(model)
+    assert 0.3 < st.swap_ratio < 0.6, st.swap_ratio
+    assert st.host_pool["reserved_bytes"] <= budget
+
+
+def test_auto_warns_when_copies_cannot_hide(monkeypatch):
+    model = _wrap(build("llama"), swap_ratio="auto")
+    monkeypatch.setattr(type(runtime_of(model)), "_measure_bandwidth", lambda self, device: 1e3)  # 1 kB/s
+    with pytest.warns(UserWarning, match="cannot hide behind compute.*swap_ratio=0"):
+        run_step(model, [batch(1, 64)])
+    assert memo.stats(model).swap_ratio == 0.0
+    run_step(model, [batch(1, 64)])
+    assert memo.stats(model).recomputed_bytes > 0
+
+
+def test_wrap_twice_and_unwrap_unwrapped():
+    model = _wrap(build("llama"))
+    with pytest.raises(MemoError, match="already wrapped"):
+        _wrap(model)
+    memo.unwrap(model)
+    with pytest.raises(MemoError, match="not wrapped"):
+        memo.unwrap(model)
+    with pytest.raises(MemoError, match="not wrapped"):
+        memo.stats(model)
+
+
+def test_unsupported_models_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(MemoError, match="decoder stack"):
+        _wrap(gpt2)
+    eager = build("llama", attn_implementation="eager")
+    with pytest.raises(MemoError, match="attn_implementation='sdpa'"):
+        _wrap(eager)
+    ckpt = build("llama")
+    ckpt.gradient_checkpointing_enable()
+    with pytest.raises(MemoError, match="gradient_checkpointing_disable"):
+        _wrap(ckpt)
+
+
+def test_exception_inside_forward_leaks_no_host_blocks():
+    model = _wrap(build("llama"), swap_ratio=0.5)
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    handle = model.model.layers[2].register_forward_hook(boom)
+    ids, _, labels = batch(2, 64)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(input_ids=ids, labels=labels)
+    gc.collect()
+    pool = memo.stats(model).host_pool
+    assert pool["high_water_bytes"] > 0 and pool["used_bytes"] == 0
+    handle.remove()
+    run_step(model, [batch(2, 64)])     # and the model still trains
+    assert memo.stats(model).host_pool["used_bytes"] == 0
+
+
+def test_host_memory_does_not_grow_over_20_steps():
+    model = _wrap(build("llama"), swap_ratio=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    micro = [batch(2, 128)]
+    reserved, rss = [], []
+    for step in range(20):
+        run_step(model, micro)
+        opt.step()
+        pool = memo.stats(model).host_pool
+        assert pool["used_bytes"] == 0
+        reserved.append(pool["reserved_bytes"])
+        rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert len(set(reserved)) == 1 and reserved[0] > 0
+    assert memo.stats(model).host_pool["num_allocs"] > 20
+    assert rss[-1] - rss[2] < 20 * 1024, "peak RSS (KiB) grew after warm-up"
+
+
+def test_second_backward_through_a_swapped_layer_is_refused():
+    model = _wrap(build("llama"), swap_ratio=1.0)
+    ids, _, labels = batch(1, 32)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(MemoError, match="retain_graph"):
+        loss.backward()
+
+
+def test_no_grad_forward_swaps_nothing_and_matches():
+    model = build("llama")
+    ref = twin(model)
+    _wrap(model, swap_ratio=0.0)
+    ids, mask, _ = batch(2, 32)
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask).logits
+        b = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    assert memo.stats(model).swapped_bytes == 0
+
+
+def test_stats_report_what_was_swapped_and_kept():
+    model = _wrap(build("llama", num_hidden_layers=5), swap_ratio=0.25, keep_last_layers=2)
+    run_step(model, [batch(2, 64)])
+    st = memo.stats(model)
+    d = st.to_dict()
+    assert [layer["kept"] for layer in d["layers"]] == [False, False, False, True, True]
+    for layer in st.layers[:3]:
+        assert layer.swapped_bytes > 0 and layer.recomputed_bytes > 0 and layer.resident_bytes == 0
+        assert layer.swapped_bytes + layer.recomputed_bytes == layer.activation_bytes
+    for layer in st.layers[3:]:
+        assert layer.resident_bytes == layer.activation_bytes > 0 and layer.swapped_bytes == 0
+    assert d["host_pool"]["high_water_bytes"] >= sum(layer.swapped_bytes for layer in st.layers)
+    assert "forward_s" in d["step"] and "swap ratio" not in str(st)
+    assert "host pool" in str(st)
+
+
+def test_backend_info_says_what_runs():
+    info = memo.backend_info()
+    assert info["device"] in ("cpu", "cuda") and "streams" in info
