@@ -1,12 +1,17 @@
 """Typed Python face of memo's copy ops, with the pure-torch fallback of each.
 
-The C++ extension ``memo._C`` (see ``csrc/``) provides faster implementations; when it is
-missing, or ``MEMO_DISABLE_CSRC=1``, the fallbacks below run. Both give identical bytes.
+The C++ extension ``memo._C`` (see ``csrc/``) provides multi-threaded CPU implementations and,
+in CUDA builds, gather/scatter kernels; when it is missing, or ``MEMO_DISABLE_CSRC=1``, the
+fallbacks below run. Both give identical bytes (``tests/test_ops.py``). See
+NOTE [ Token slice layout ] in ``csrc/layout.h``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from memo import _ext
+from memo.errors import MemoError
 
 
 def token_slice_shape(src: torch.Tensor, dim: int, start: int, stop: int) -> tuple[int, ...]:
@@ -15,19 +20,76 @@ def token_slice_shape(src: torch.Tensor, dim: int, start: int, stop: int) -> tup
     return tuple(shape)
 
 
+def _tokens_in(packed: torch.Tensor, dst: torch.Tensor, dim: int) -> int:
+    """How many tokens of ``dst`` the contiguous ``packed`` holds."""
+    per_token = dst.numel() // dst.shape[dim] if dst.shape[dim] else 0
+    if per_token == 0:
+        return 0
+    if packed.numel() % per_token:
+        raise MemoError(f"memo.ops: unpack_tokens: packed has {packed.numel()} elements, not a whole number of "
+                        f"tokens of {per_token} elements of dst {tuple(dst.shape)} along dim {dim}; pass the "
+                        "buffer pack_tokens filled for this tensor")
+    return packed.numel() // per_token
+
+
+def _check(op: str, strided: torch.Tensor, dim: int, start: int, stop: int, packed: torch.Tensor,
+           name: str) -> int:
+    """Validates a token slice and its contiguous side; returns ``dim`` made non-negative."""
+    if not -strided.dim() <= dim < strided.dim():
+        raise MemoError(f"memo.ops: {op}: dim {dim} is out of range for a tensor of shape "
+                        f"{tuple(strided.shape)}; pass the token dimension")
+    dim %= strided.dim()
+    if not 0 <= start <= stop <= strided.shape[dim]:
+        raise MemoError(f"memo.ops: {op}: tokens [{start}, {stop}) are not inside the {strided.shape[dim]} "
+                        f"tokens of dim {dim} of shape {tuple(strided.shape)}; pass 0 <= start <= stop <= seq")
+    want = strided.numel() // strided.shape[dim] * (stop - start) if strided.shape[dim] else 0
+    if packed.numel() != want or packed.dtype != strided.dtype or not packed.is_contiguous():
+        raise MemoError(f"memo.ops: {op}: {name} must be contiguous {strided.dtype} with {want} elements, got "
+                        f"{packed.dtype} with {packed.numel()} elements (contiguous={packed.is_contiguous()}); "
+                        f"size {name} from token_slice_shape()")
+    return dim
+
+
+def _native(*tensors: torch.Tensor):
+    """``torch.ops.memo`` when the extension is active and has a kernel for these devices."""
+    if _ext.csrc() is None:
+        return None
+    if all(t.device.type == "cpu" for t in tensors) or (_ext.cuda_part() and any(t.is_cuda for t in tensors)):
+        return torch.ops.memo
+    return None
+
+
 def pack_tokens(src: torch.Tensor, dim: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
     """Copy ``src.narrow(dim, start, stop - start)`` into contiguous ``out``.
 
     src: any shape and strides; dim: the token dimension; out: contiguous, same dtype, exactly
     as many elements as the slice (any shape). Returns ``out`` viewed with the slice's shape.
     """
+    dim = _check("pack_tokens", src, dim, start, stop, out, "out")
     view = out.view(token_slice_shape(src, dim, start, stop))
-    view.copy_(src.narrow(dim, start, stop - start))
+    native = _native(src, out)
+    if native is not None:
+        native.pack_tokens(src, dim, start, stop, out)
+    else:
+        view.copy_(src.narrow(dim, start, stop - start))
     return view
 
 
 def unpack_tokens(packed: torch.Tensor, dst: torch.Tensor, dim: int, start: int) -> None:
-    """Inverse of :func:`pack_tokens`: write contiguous ``packed`` into ``dst.narrow(dim, start, n)``."""
-    n = packed.numel() // max(1, dst.numel() // max(dst.shape[dim], 1)) if dst.shape[dim] else 0
-    target = dst.narrow(dim, start, n)
-    target.copy_(packed.view(target.shape))
+    """Inverse of :func:`pack_tokens`: write contiguous ``packed`` into ``dst.narrow(dim, start, n)``.
+
+    packed: contiguous, ``n`` tokens' worth of elements (n = packed.numel() / elements of dst per
+    token); dst: any shape and strides, token dimension ``dim``.
+    """
+    if not -dst.dim() <= dim < dst.dim():
+        raise MemoError(f"memo.ops: unpack_tokens: dim {dim} is out of range for dst of shape "
+                        f"{tuple(dst.shape)}; pass the token dimension")
+    dim %= dst.dim()
+    n = _tokens_in(packed, dst, dim)
+    _check("unpack_tokens", dst, dim, start, start + n, packed, "packed")
+    native = _native(packed, dst)
+    if native is not None:
+        native.unpack_tokens(packed, dst, dim, start)
+    else:
+        target = dst.narrow(dim, start, n)
+        target.copy_(packed.view(target.shape))
