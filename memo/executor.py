@@ -83,6 +83,7 @@ class LayerState:
         self.groups: dict[int, list] = {}        # storage key -> [(index, tensor)]
         self.records: dict[int, SwapRecord] = {}
         self.input_key = storage_key(call.hidden_states)
+        self.input_requires_grad = call.hidden_states.requires_grad   # the recompute saves what the forward saved
         self.kernel_outputs: list = []            # per kernel call: list of (key, geom) or kept objects
         self.d2h_event = None
         self.h2d_event = None
@@ -204,7 +205,7 @@ class LayerState:
         split = token_records[0].split
         assert all(r.split == split for r in token_records), "memo.executor: records disagree on split (bug)"
         input_rec = self.records[self.input_key]
-        hidden = input_rec.view_value(0).narrow(1, 0, split).detach().requires_grad_(True)
+        hidden = input_rec.view_value(0).narrow(1, 0, split).detach().requires_grad_(self.input_requires_grad)
         kwargs = self.call.sliced_kwargs(split)
 
         def replay(call_index: int, func, args) -> tuple:

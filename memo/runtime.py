@@ -55,7 +55,9 @@ class MemoRuntime:
     def run_layer(self, index: int, layer: torch.nn.Module, hidden_states: torch.Tensor, args: tuple,
                   kwargs: dict):
         original = self.originals[index]
-        if not (torch.is_grad_enabled() and isinstance(hidden_states, torch.Tensor) and hidden_states.requires_grad):
+        saves = torch.is_grad_enabled() and isinstance(hidden_states, torch.Tensor) and (
+            hidden_states.requires_grad or any(p.requires_grad for p in layer.parameters()))
+        if not saves:
             return original(hidden_states, *args, **kwargs)   # nothing is saved for backward
         if kwargs.get("past_key_values") is not None:
             if not self._cache_warned:
@@ -150,26 +152,30 @@ class MemoRuntime:
     def _trace_key(self, layer: torch.nn.Module, call: LayerCall) -> tuple:
         mask = call.kwargs.get("attention_mask")
         return (type(layer).__name__, getattr(layer, "attention_type", None), tuple(call.hidden_states.shape),
-                call.hidden_states.dtype, str(call.hidden_states.device),
+                call.hidden_states.dtype, str(call.hidden_states.device), call.hidden_states.requires_grad,
                 None if mask is None else (tuple(mask.shape), mask.dtype))
 
     def _prepare(self, index: int, layer: torch.nn.Module, original: Callable, call: LayerCall) -> LayerTrace:
         key = self._trace_key(layer, call)
         if key not in self.traces:
             self.traces[key] = trace_layer(original, layer, call)
-        if self.prepared_key != key[2:]:
+        shapes = key[2:5] + key[6:]   # everything but the layer kind and whether the input requires grad
+        if self.prepared_key != shapes:
             self._size_pool(call)
-            self.prepared_key = key[2:]
+            self.prepared_key = shapes
         return self.traces[key]
 
     def _layer_traces(self, call: LayerCall) -> list[LayerTrace]:
         """Trace of every swapped layer for this call's shapes (one trace per distinct layer kind)."""
         out = []
+        # Layers after the first get their input from a layer with parameters: it requires grad.
+        later = LayerCall(call.hidden_states.detach().requires_grad_(True), call.args, call.kwargs)
         for i in sorted(self.swapped):
             layer = self.layers[i]
-            key = self._trace_key(layer, call)
+            layer_call = call if i == 0 else later
+            key = self._trace_key(layer, layer_call)
             if key not in self.traces:
-                self.traces[key] = trace_layer(self.originals[i], layer, call)
+                self.traces[key] = trace_layer(self.originals[i], layer, layer_call)
             out.append(self.traces[key])
         return out
 

@@ -83,3 +83,36 @@ def test_unwrap_restores_the_plain_model():
     _, got = run_step(m, micro)
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.37])
+def test_frozen_embeddings(ratio):
+    """The first layer's input does not require grad; its parameters do. memo still swaps it."""
+    model = build("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    micro = CASES["b2-padded"]()
+    _, ref64 = run_step(twin(model, torch.float64), micro)
+    _, plain = run_step(twin(model), micro)
+    wrapped = _wrapped(model, ratio, None)
+    _, got = run_step(wrapped, micro)
+    assert "model.embed_tokens.weight" not in got and memo.stats(wrapped).layers[0].swapped_bytes > 0
+    plain_err, memo_err = _max_err(plain, ref64), _max_err(got, ref64)
+    for name in ref64:
+        if ratio == 1.0:
+            assert torch.equal(plain[name], got[name]), name
+        assert memo_err[name] <= 2 * plain_err[name], (name, memo_err[name], plain_err[name])
+
+
+def test_offload_dtype_bf16_halves_host_bytes():
+    model = build("llama")
+    micro = CASES["b2-padded"]()
+    _, plain = run_step(twin(model), micro)
+    exact = _wrapped(model, 1.0, None)
+    run_step(exact, micro)
+    half = twin(model)
+    memo.wrap(half, memo.MemoConfig(swap_ratio=1.0, loss_chunk_size=None, offload_dtype="bf16",
+                                    host_memory_budget="1GiB"))
+    _, got = run_step(half, micro)
+    assert memo.stats(half).swapped_bytes * 2 == memo.stats(exact).swapped_bytes
+    for name in plain:   # lossy by design: bf16 keeps 8 bits of mantissa
+        torch.testing.assert_close(got[name], plain[name], rtol=5e-2, atol=5e-3 * plain[name].abs().max().item())

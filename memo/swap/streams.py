@@ -17,11 +17,15 @@ class Streams:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.module = torch.get_device_module(device.type)
-        self.compute = self.module.current_stream()
         self.d2h = self.module.Stream()
         self.h2d = self.module.Stream()
         # Copies can run asynchronously only where there is an accelerator with pinned host memory.
         self.asynchronous = device.type != "cpu"
+
+    @property
+    def compute(self):
+        """The stream the model computes on: whatever is current when memo needs it."""
+        return self.module.current_stream()
 
     def event(self, stream) -> object:
         """An event recorded on ``stream`` now."""
