@@ -1,0 +1,271 @@
+"""``memo plan``: will this job fit, and how fast will it be? Answered from the real model layer.
+
+    memo plan --model memo-paper-7b --seq-len 1M --gpus 8 --sp 8 --gpu a800 --host-memory 2TiB
+
+Profiles one decoder layer under FakeTensorMode at the per-rank length, solves the Level-1 MIP
+for its forward and backward, the alpha program, the Level-2 step layout and the step-time
+model, then prints a memory table and predictions (``--json``: one object). Bad input or a job
+that does not fit: a message on stderr naming the fix, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from memo.errors import MemoError
+from memo.planner.cost import UnknownGPU, get_gpu
+from memo.planner.units import UnitError, format_bytes, parse_bandwidth, parse_bytes, parse_count
+
+
+def plan_command_parser(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="predict memory, swap ratio, step time and MFU of a long-context job",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="preset (memo-paper-7b, llama3-8b, ...) or path to a config.json")
+    p.add_argument("--seq-len", required=True, help="tokens per sequence: 1048576, 512K, 1M")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
+    p.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all GPUs)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing one host's memory (default 8)")
+    p.add_argument("--gpu", default="a800", help="a800, a100-80g, h100, h200 (default a800)")
+    p.add_argument("--host-memory", required=True, help="host memory per node memo may use: 2TiB, 512GiB")
+    p.add_argument("--pcie", default=None, help="achieved host<->GPU bandwidth per GPU, e.g. 25GB/s (GPU default)")
+    p.add_argument("--nvlink", default=None, help="GPU<->GPU bandwidth per direction, e.g. 200GB/s (GPU default)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
+    p.add_argument("--gpu-memory", default=None, help="override the GPU's memory, e.g. 80GiB")
+    p.add_argument("--reserve", default="2GiB", help="device memory outside the plan: CUDA context, NCCL (2GiB)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="training dtype (bf16)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="ZeRO stage over all GPUs (default: the lowest that fits)")
+    p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the host (CPU Adam)")
+    p.add_argument("--swap-ratio", default="auto", help="alpha in [0, 1] or 'auto' (the alpha program)")
+    p.add_argument("--keep-layers", type=int, default=2, help="last layers kept on the device (paper: 2)")
+    p.add_argument("--loss-chunk", type=int, default=4096, help="tokens per chunk of the LM head + loss (4096)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds for each MIP (default 60)")
+    p.add_argument("--no-mip", action="store_true", help="greedy layouts only (no MIP)")
+    p.add_argument("--max-seq-len", action="store_true", help="also search the largest sequence length that fits")
+    p.add_argument("--out", default=None, help="write the plan (JSON) here, for MemoConfig(plan=...)")
+    p.add_argument("--plot", default=None, help="write a PNG of the planned layouts here")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.set_defaults(func=plan_command)
+
+
+class _Progress:
+    """One status line on stderr while the MIPs run (rewritten in place on a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, stage: str, elapsed: float, limit: float) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not self.tty and now - self._last < 5.0:
+            return
+        self._last = now
+        line = f"memo plan: solving {stage} MIP ... {elapsed:5.1f} s of at most {limit:.0f} s"
+        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(("\r\033[K" if self.tty else "") + f"memo plan: {text}\n")
+            sys.stderr.flush()
+
+
+def _parse(args):
+    try:
+        seq_len = parse_count(args.seq_len)
+        host = parse_bytes(args.host_memory)
+        reserve = parse_bytes(args.reserve)
+        overrides = {"host_link_Bps": parse_bandwidth(args.pcie) if args.pcie else None,
+                     "interconnect_Bps": parse_bandwidth(args.nvlink) if args.nvlink else None,
+                     "peak_tflops": args.peak_tflops,
+                     "memory_bytes": parse_bytes(args.gpu_memory) if args.gpu_memory else None}
+    except UnitError as e:
+        raise MemoError(f"memo.plan: {e}") from e
+    try:
+        gpu = get_gpu(args.gpu, **overrides)
+    except UnknownGPU as e:
+        raise MemoError(f"memo.plan: {e}") from e
+    sp = args.gpus if args.sp is None else args.sp
+    if args.gpus < 1 or sp < 1 or args.gpus % sp:
+        raise MemoError(f"memo.plan: --gpus {args.gpus} is not a multiple of --sp {sp}; the GPUs form gpus/sp "
+                        f"data-parallel groups of sp ranks: choose --sp dividing --gpus")
+    if args.micro_batch < 1:
+        raise MemoError(f"memo.plan: --micro-batch {args.micro_batch} must be >= 1")
+    if args.keep_layers < 0:
+        raise MemoError(f"memo.plan: --keep-layers {args.keep_layers} must be >= 0")
+    swap = args.swap_ratio
+    if swap != "auto":
+        try:
+            swap = float(swap)
+        except ValueError as e:
+            raise MemoError(f"memo.plan: --swap-ratio {args.swap_ratio!r} is neither a number nor 'auto'; pass a "
+                            f"fraction in [0, 1] or auto") from e
+        if not 0.0 <= swap <= 1.0:
+            raise MemoError(f"memo.plan: --swap-ratio {swap} is outside [0, 1]; pass a fraction in [0, 1] or auto")
+    if args.offload_optimizer and args.zero_stage == 0:
+        raise MemoError("memo.plan: --offload-optimizer needs ZeRO stage 1, 2 or 3; pass --zero-stage 1 or drop "
+                        "--zero-stage to let memo choose")
+    if args.time_limit <= 0:
+        raise MemoError(f"memo.plan: --time-limit {args.time_limit} must be positive seconds")
+    return seq_len, host, reserve, gpu, sp, swap
+
+
+def plan_command(args) -> int:
+    try:
+        return _plan(args)
+    except MemoError as e:
+        sys.stderr.write(f"{e}\n")
+        return 2
+
+
+def _plan(args) -> int:
+    from memo.planner.plan import Cluster, Options, PlanContext, plan_for_stages, solve_level1
+    from memo.planner.planfile import write_plan
+    from memo.profile import check_seq_len, load_model, profile_model
+
+    seq_len, host, reserve, gpu, sp, swap = _parse(args)
+    model = load_model(args.model)
+    check_seq_len(seq_len, sp)
+    progress = _Progress(enabled=True)
+    cluster = Cluster(gpus=args.gpus, sp=sp, gpu=gpu, host_memory=host, gpus_per_node=args.gpus_per_node,
+                      reserve_bytes=reserve)
+    options = Options(offload_optimizer=args.offload_optimizer, swap_ratio=swap, keep_layers=args.keep_layers,
+                      time_limit=args.time_limit, use_mip=not args.no_mip)
+    t0 = time.perf_counter()
+    prof = profile_model(model, seq_len=seq_len, micro_batch=args.micro_batch, dtype=args.dtype, sp=sp,
+                         loss_chunk=args.loss_chunk).to_dict()
+    progress.say(f"profiled one {model['model_type']} layer at {prof['local_seq_len']:,} tokens per rank in "
+                 f"{time.perf_counter() - t0:.2f} s ({len(prof['forward']['allocs'])} forward, "
+                 f"{len(prof['backward']['allocs'])} backward allocations)")
+    level1 = solve_level1(prof, time_limit=args.time_limit, use_mip=not args.no_mip, progress=progress)
+    progress.say(f"Level 1 solved: forward {level1.forward.status}; backward {level1.backward.status}")
+    ctx = PlanContext(prof, cluster, options, level1, model_name=model.get("name", ""))
+    plan, tried = plan_for_stages(ctx, args.zero_stage)
+    plan["stages_tried"] = [{"zero_stage": p["zero_stage"], "fits": p["fits"],
+                             "device_peak_bytes": p["predicted"]["device_peak_bytes"], "reasons": p["reasons"]}
+                            for p in tried]
+
+    def fits_at(s: int, *, gpus: int = args.gpus, sp_: int = sp) -> bool:
+        pr = profile_model(model, seq_len=s, micro_batch=args.micro_batch, dtype=args.dtype, sp=sp_,
+                           loss_chunk=args.loss_chunk).to_dict()
+        cl = Cluster(gpus=gpus, sp=sp_, gpu=gpu, host_memory=host, gpus_per_node=args.gpus_per_node,
+                     reserve_bytes=reserve)
+        opts = Options(offload_optimizer=args.offload_optimizer, swap_ratio=swap, keep_layers=args.keep_layers,
+                       use_mip=False)
+        c = PlanContext(pr, cl, opts, solve_level1(pr, use_mip=False))
+        # Higher ZeRO stages only lower device memory, so "any stage fits" is "stage 3 fits".
+        stage = args.zero_stage if args.zero_stage is not None else 3
+        from memo.planner.plan import finish_plan
+        return finish_plan(c, stage)["fits"]
+
+    granularity = 2 * sp * -(-8192 // (2 * sp))
+    if args.max_seq_len or not plan["fits"]:
+        from memo.planner.plan import max_fitting_seq_len
+        progress.say("searching the largest sequence length that fits (greedy layouts)")
+        plan["max_seq_len"] = max_fitting_seq_len(fits_at, start=seq_len, granularity=granularity)
+    if not plan["fits"]:
+        plan["suggestions"] = _suggestions(plan, tried, fits_at, seq_len, args, sp, host)
+
+    if args.json:
+        print(json.dumps(plan, indent=1, sort_keys=True))
+    else:
+        _report(plan)
+    if args.plot:
+        from memo.planner.plot import plot_plan
+        plot_plan(plan, args.plot)
+        progress.say(f"wrote {args.plot}")
+    if not plan["fits"]:
+        sys.stderr.write(f"memo.plan: the job does not fit: {'; '.join(plan['reasons'])}. Smallest changes that fit: "
+                         f"{'; '.join(plan['suggestions']) or 'none found within 64x the GPUs'}\n")
+        if args.out:
+            sys.stderr.write(f"memo.plan: not writing {args.out}: a plan that does not fit would fail at run time\n")
+        return 2
+    if args.out:
+        write_plan(args.out, plan)
+        progress.say(f"wrote {args.out} (use it with memo.MemoConfig(plan={args.out!r}))")
+    return 0
+
+
+def _suggestions(plan: dict, tried: list, fits_at, seq_len: int, args, sp: int, host: int) -> list[str]:
+    """The smallest single changes that make the job fit: a ZeRO stage/offload, more host
+    memory, more GPUs (SP grown with them), or a shorter sequence."""
+    out = []
+    if args.zero_stage is not None and args.zero_stage < 3:
+        out.append(f"drop --zero-stage (or raise it) to let memo pick a stage that fits")
+    device_ok = all(not r.startswith("device") for r in plan["reasons"])
+    host_short = any(r.startswith("host") for r in plan["reasons"])
+    if host_short:
+        m = plan["model"]
+        keep = plan["keep_layers"]
+        per_rank = (m["layers"] - keep) * (plan["swap"]["layer_input_bytes"] + plan["swap"]["attention_output_bytes"]) \
+            + plan["model_states"]["host"]
+        out.append(f"--host-memory {format_bytes(per_rank * plan['gpus_per_node'])} or more per node "
+                   f"(with alpha = 0: everything but inputs and attention outputs recomputed)")
+    if not device_ok and not args.offload_optimizer and plan["model_states"]["optimizer"]:
+        out.append("--offload-optimizer (optimizer states to the host)")
+    gpus = args.gpus
+    for factor in (2, 4, 8, 16, 32, 64):
+        g, s = gpus * factor, sp * factor
+        if seq_len % (2 * s):
+            break
+        if fits_at(seq_len, gpus=g, sp_=s):
+            out.append(f"--gpus {g} --sp {s}")
+            break
+    if plan.get("max_seq_len"):
+        out.append(f"--seq-len {plan['max_seq_len']} (the largest that fits on this cluster)")
+    return out
+
+
+def _report(plan: dict) -> None:
+    from memo.planner.plan import memory_rows
+    m, pr, gpu = plan["model"], plan["predicted"], plan["gpu"]
+    fb = format_bytes
+    print(f"memo plan: {plan.get('model_name') or m['model_type']} ({m['model_type']}, {m['layers']} layers, hidden "
+          f"{m['hidden']}, {m['heads']} heads / {m['kv_heads']} kv), {plan['seq_len']:,} tokens x "
+          f"{plan['micro_batch']} micro-batch, {plan['dtype']}")
+    print(f"cluster:   {plan['gpus']} x {gpu['name']} ({fb(gpu['memory_bytes'])}, {gpu['peak_tflops']:.0f} TFLOP/s, "
+          f"host link {gpu['host_link_Bps'] / 1e9:.0f} GB/s), SP {plan['sp']} ({plan['local_seq_len']:,} tokens per "
+          f"rank), host {fb(plan['host_memory_bytes'])} per node of {plan['gpus_per_node']} GPUs")
+    chosen = " (chosen: the lowest stage that fits)" if plan.get("zero_stage_chosen") and plan["fits"] else ""
+    if plan.get("zero_stage_chosen") and not plan["fits"]:
+        chosen = " (no stage fits; showing the highest)"
+    print(f"ZeRO:      stage {plan['zero_stage']}{chosen}"
+          f"{', optimizer offloaded to the host' if plan['offload_optimizer'] else ''}")
+    for t in plan.get("stages_tried", [])[:-1]:
+        print(f"           stage {t['zero_stage']} would need {fb(t['device_peak_bytes'])} per GPU")
+    print()
+    print(f"  {'memory per GPU':<44}{'bytes':>12}  live at peak")
+    for name, nbytes, live in memory_rows(plan):
+        print(f"  {name:<44}{fb(nbytes):>12}  {'yes' if live else ''}")
+    print(f"  {'planned step peak (Level 2)':<44}{fb(plan['step']['peak_bytes']):>12}  at "
+          f"{plan['step']['step_labels'][plan['step']['peak_step']]}")
+    print(f"  {'device peak (step + reserve)':<44}{fb(pr['device_peak_bytes']):>12}  of {fb(gpu['memory_bytes'])}")
+    print(f"  {'host, per node':<44}{fb(pr['host_bytes']):>12}  of {fb(plan['host_memory_bytes'])}")
+    print()
+    print(f"  {'layout':<18}{'peak':>12}{'lower bound':>14}{'gap':>8}{'greedy':>12}{'MIP gap':>9}{'solve':>8}")
+    for name, lay in (("layer forward", plan["layer"]["forward"]), ("layer backward", plan["layer"]["backward"]),
+                      ("step (Level 2)", plan["step"])):
+        mg = "-" if lay["mip_gap"] is None else f"{lay['mip_gap']:.2%}"
+        print(f"  {name:<18}{fb(lay['peak_bytes']):>12}{fb(lay['lower_bound_bytes']):>14}{lay['gap']:>8.2%}"
+              f"{fb(lay['greedy_peak_bytes']):>12}{mg:>9}{lay['solve_s']:>7.1f}s")
+    sw, ad, t = plan["swap"], plan["alpha_detail"], pr["times"]
+    print()
+    print(f"alpha:     {plan['alpha']:.3f}  ({ad['reason']}; copy-time bound {ad['time_bound']:.3f}, host bound "
+          f"{ad['memory_bound']:.3f})")
+    print(f"           per layer: swap {fb(sw['swapped_bytes_per_layer'])} (input {fb(sw['layer_input_bytes'])}, "
+          f"attention {fb(sw['attention_output_bytes'])}, {plan['alpha']:.3f} of {fb(sw['other_bytes'])} other), "
+          f"recompute {fb(sw['recomputed_bytes_per_layer'])}; {sw['swapped_layers']} layers swapped")
+    exposed = "hidden" if t["copy_exposed_s"] == 0 else f"{t['copy_exposed_s']:.1f} s exposed per step"
+    print(f"predicted: step {pr['step_time_s']:.1f} s, MFU {pr['mfu']:.1%}; per layer forward {t['layer_forward_s']:.2f} s, "
+          f"backward {t['layer_backward_s']:.2f} s, recompute {t['layer_recompute_s']:.2f} s; copy "
+          f"{t['copy_out_s']:.2f} s each way ({exposed})")
+    if plan.get("max_seq_len") is not None:
+        print(f"max length: {plan['max_seq_len']:,} tokens fit on this cluster (greedy layouts, same options)")
+    print(f"fits:      {'yes' if plan['fits'] else 'NO: ' + '; '.join(plan['reasons'])}")

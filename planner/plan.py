@@ -1,0 +1,300 @@
+"""From a layer profile and a cluster to a plan: Level 1, alpha, Level 2, times, fit. Torch-free.
+
+The profile is ``memo.profile.LayerProfile.to_dict()`` (plain numbers), so everything here runs
+without torch; the CLI does the profiling and hands the dict over.
+
+NOTE [ Level-2 step timeline ]
+  Steps, in order: embedding forward; layer 0..n-1 forward; head + loss (forward and backward);
+  layer n-1..0 backward; embedding backward. Blocks on it:
+  1. ``L{i}.fwd`` / ``L{i}.bwd``: the Level-1 peak of a layer's forward / backward, during that step.
+  2. ``L{i}.swap_out``: what layer i swaps (input, attention output, LSE in full; alpha of the
+     rest), live during layer i+1's forward while it is copied out (two buffers alternate).
+  3. ``L{i}.prefetch``: the same bytes copied back in during layer i+1's backward; during layer
+     i's own backward they are part of ``L{i}.bwd`` (its saved activations are live at step 0).
+  4. ``L{i}.kept``: the last ``keep`` layers keep all their saved activations from the end of
+     their forward to their backward.
+  5. Weights, gradients, device optimizer states, the ZeRO-3 gather buffer and the shared
+     tensors (RoPE cos/sin, kept once) live for the whole step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+from .alpha import solve_alpha
+from .cost import GPUProfile, model_state_bytes, step_time
+from .dsa import ProgressFn, align_allocs, solve_layout
+from .layout import Alloc, Layout, live_bytes_over_time
+from .units import format_bytes
+
+PLAN_VERSION = 1
+ALIGN = 512
+
+
+@dataclass
+class Cluster:
+    gpus: int
+    sp: int
+    gpu: GPUProfile
+    host_memory: int                 # bytes per node
+    gpus_per_node: int = 8
+    reserve_bytes: int = 2 << 30     # CUDA context, NCCL and cuBLAS workspaces: not plannable
+
+    def __post_init__(self) -> None:
+        self.gpus_per_node = min(self.gpus_per_node, self.gpus)
+
+
+@dataclass
+class Options:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    swap_ratio: Union[str, float] = "auto"
+    keep_layers: int = 2
+    time_limit: float = 60.0
+    use_mip: bool = True
+    threads: int = 2
+
+
+def trace_allocs(trace: dict) -> list[Alloc]:
+    """Allocations of a profiled block that belong in its arena (parameter gradients are model
+    states), aligned to 512 bytes."""
+    allocs = [Alloc(a["id"], a["bytes"], a["start"], a["end"], a["kind"]) for a in trace["allocs"]
+              if a["kind"] != "param_grad"]
+    return align_allocs(allocs, ALIGN)
+
+
+@dataclass
+class Level1:
+    forward: Layout
+    backward: Layout
+    embedding_forward: Layout
+    embedding_backward: Layout
+    head: Layout
+
+
+def solve_level1(profile: dict, *, time_limit: float = 60.0, use_mip: bool = True, threads: int = 2,
+                 progress: Optional[Callable[[str, float, float], None]] = None) -> Level1:
+    """Level 1: one MIP for the layer's forward, one for its backward (each within ``time_limit``);
+    the embedding and head blocks are placed greedily (they hold a handful of tensors)."""
+    def prog(name: str) -> Optional[ProgressFn]:
+        return None if progress is None else (lambda el, lim: progress(name, el, lim))
+    fwd = solve_layout(trace_allocs(profile["forward"]), time_limit=time_limit, use_mip=use_mip, threads=threads,
+                       progress=prog("layer forward"))
+    bwd = solve_layout(trace_allocs(profile["backward"]), time_limit=time_limit, use_mip=use_mip, threads=threads,
+                       progress=prog("layer backward"))
+    quick = dict(use_mip=False)
+    return Level1(fwd, bwd, solve_layout(trace_allocs(profile["embedding_forward"]), **quick),
+                  solve_layout(trace_allocs(profile["embedding_backward"]), **quick),
+                  solve_layout(trace_allocs(profile["head"]), **quick))
+
+
+def swap_sizes(profile: dict) -> tuple[int, int, int]:
+    """(layer input, attention output + LSE, other saved activations) bytes of one layer."""
+    sb = profile["saved_bytes"]
+    return sb["layer_input"], sb["attention_output"] + sb["lse"], sb["other"]
+
+
+def step_allocs(n: int, level1: Level1, *, states: dict, shared: int, swap_bytes: int, kept_bytes: int,
+                keep: int) -> tuple[list[Alloc], list[str]]:
+    """Level 2's allocations and step labels. See NOTE [ Level-2 step timeline ]."""
+    labels = ["embedding fwd"] + [f"layer {i} fwd" for i in range(n)] + ["head+loss"] + \
+             [f"layer {i} bwd" for i in reversed(range(n))] + ["embedding bwd"]
+    T = len(labels)
+    fwd_step = lambda i: 1 + i                     # noqa: E731
+    bwd_step = lambda i: n + 2 + (n - 1 - i)       # noqa: E731
+    out = []
+    for name in ("weights", "gradients", "optimizer", "zero3_gather"):
+        if states[name]:
+            out.append(Alloc(name, states[name], 0, T, "model_state"))
+    if shared:
+        out.append(Alloc("shared", shared, 0, T, "shared"))
+    out.append(Alloc("embedding.fwd", level1.embedding_forward.peak, 0, 1, "block"))
+    for i in range(n):
+        out.append(Alloc(f"L{i}.fwd", level1.forward.peak, fwd_step(i), fwd_step(i) + 1, "block"))
+        out.append(Alloc(f"L{i}.bwd", level1.backward.peak, bwd_step(i), bwd_step(i) + 1, "block"))
+        if i >= n - keep:
+            out.append(Alloc(f"L{i}.kept", kept_bytes, fwd_step(i) + 1, bwd_step(i), "kept"))
+        else:
+            out.append(Alloc(f"L{i}.swap_out", swap_bytes, fwd_step(i) + 1, fwd_step(i) + 2, "swap_buffer"))
+            out.append(Alloc(f"L{i}.prefetch", swap_bytes, bwd_step(i) - 1, bwd_step(i), "swap_buffer"))
+    out.append(Alloc("head", level1.head.peak, n + 1, n + 2, "block"))
+    out.append(Alloc("embedding.bwd", level1.embedding_backward.peak, T - 1, T, "block"))
+    return [a for a in out if a.bytes > 0], labels
+
+
+@dataclass
+class PlanContext:
+    """What ``finish_plan`` needs besides the ZeRO stage, so stages can be compared cheaply."""
+
+    profile: dict
+    cluster: Cluster
+    options: Options
+    level1: Level1
+    model_name: str = ""
+
+
+def _alpha(ctx: PlanContext, host_budget_rank: float, t_fwd: float) -> dict:
+    s_in, s_attn, s_other = swap_sizes(ctx.profile)
+    n = ctx.profile["model"]["layers"]
+    keep = min(ctx.options.keep_layers, n)
+    res = solve_alpha(s_in=s_in, s_attn=s_attn, s_other=s_other, bandwidth=ctx.cluster.gpu.host_link_Bps,
+                      t_fwd=t_fwd, n_layers=n, keep_layers=keep, host_budget=max(host_budget_rank, 0.0))
+    d = res.to_dict()
+    if ctx.options.swap_ratio != "auto":
+        a = float(ctx.options.swap_ratio)
+        d["alpha"] = a
+        d["reason"] = f"given: alpha = {a:.3f}"
+        d["fits"] = (n - keep) * (s_in + s_attn + a * s_other) <= host_budget_rank
+        d["hidden"] = (s_in + s_attn + a * s_other) / ctx.cluster.gpu.host_link_Bps <= t_fwd
+    return d
+
+
+def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optional[float] = None) -> dict:
+    """Alpha, Level 2, step time and fit for one ZeRO stage: the plan as a JSON-able dict."""
+    prof, cl, opt = ctx.profile, ctx.cluster, ctx.options
+    model = prof["model"]
+    n = model["layers"]
+    keep = min(opt.keep_layers, n)
+    s_in, s_attn, s_other = swap_sizes(prof)
+    states = model_state_bytes(model, zero_stage=zero_stage, ranks=cl.gpus, offload_optimizer=opt.offload_optimizer,
+                               dtype=prof["dtype"])
+    host_per_rank_budget = cl.host_memory / cl.gpus_per_node
+    act_budget = host_per_rank_budget - states["host"]
+    base = step_time(model, cl.gpu, seq_len=prof["seq_len"], micro_batch=prof["micro_batch"], sp=cl.sp,
+                     gpus=cl.gpus, gpus_per_node=cl.gpus_per_node, alpha=1.0, swap_bytes_fixed=s_in + s_attn,
+                     swap_bytes_other=s_other, keep_layers=keep, zero_stage=zero_stage,
+                     offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"])
+    alpha_d = _alpha(ctx, act_budget, base.layer_forward_s)
+    alpha = alpha_d["alpha"]
+    times = step_time(model, cl.gpu, seq_len=prof["seq_len"], micro_batch=prof["micro_batch"], sp=cl.sp,
+                      gpus=cl.gpus, gpus_per_node=cl.gpus_per_node, alpha=alpha, swap_bytes_fixed=s_in + s_attn,
+                      swap_bytes_other=s_other, keep_layers=keep, zero_stage=zero_stage,
+                      offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"])
+    swap_bytes = int(s_in + s_attn + alpha * s_other)   # floor: alpha fills the host budget exactly
+    kept_bytes = s_in + s_attn + s_other
+    shared = prof["saved_bytes"].get("shared", 0)
+    allocs, labels = step_allocs(n, ctx.level1, states=states, shared=shared, swap_bytes=swap_bytes,
+                                 kept_bytes=kept_bytes, keep=keep)
+    tl = opt.time_limit if level2_time_limit is None else level2_time_limit
+    level2 = solve_layout(allocs, time_limit=tl, use_mip=opt.use_mip, threads=opt.threads)
+    host_rank = (n - keep) * swap_bytes + states["host"]
+    host_node = host_rank * cl.gpus_per_node
+    device_peak = level2.peak + cl.reserve_bytes
+    reasons = []
+    if device_peak > cl.gpu.memory_bytes:
+        reasons.append(f"device peak {format_bytes(device_peak)} exceeds the GPU's {format_bytes(cl.gpu.memory_bytes)}")
+    if not alpha_d["fits"] or host_node > cl.host_memory:
+        need = (n - keep) * (s_in + s_attn) + states["host"]
+        reasons.append(f"host memory: each rank needs at least {format_bytes(need)} (inputs and attention outputs of "
+                       f"{n - keep} layers{' + offloaded optimizer' if states['host'] else ''}), "
+                       f"{format_bytes(host_per_rank_budget)} available per rank")
+    # Which blocks are live at the step of the peak.
+    curve = live_bytes_over_time(allocs)
+    peak_step = max(curve, key=lambda x: x[1])[0] if curve else 0
+    at_peak = {a.id: a.bytes for a in allocs if a.start <= peak_step < a.end}
+    return {
+        "memo_plan_version": PLAN_VERSION,
+        "model": dict(model),
+        "model_name": ctx.model_name,
+        "seq_len": prof["seq_len"], "local_seq_len": prof["local_seq_len"], "micro_batch": prof["micro_batch"],
+        "dtype": prof["dtype"], "sp": cl.sp, "gpus": cl.gpus, "gpus_per_node": cl.gpus_per_node,
+        "gpu": cl.gpu.to_dict(), "host_memory_bytes": int(cl.host_memory), "reserve_bytes": cl.reserve_bytes,
+        "zero_stage": zero_stage, "offload_optimizer": opt.offload_optimizer, "keep_layers": keep,
+        "alpha": alpha, "alpha_detail": alpha_d,
+        "fits": not reasons, "reasons": reasons,
+        "predicted": {"step_time_s": times.step_time_s, "mfu": times.mfu, "device_peak_bytes": int(device_peak),
+                      "host_bytes": int(host_node), "host_bytes_per_rank": int(host_rank),
+                      "times": times.to_dict()},
+        "model_states": states,
+        "swap": {"layer_input_bytes": s_in, "attention_output_bytes": s_attn, "other_bytes": s_other,
+                 "swapped_bytes_per_layer": swap_bytes, "recomputed_bytes_per_layer": int((1 - alpha) * s_other),
+                 "swapped_layers": n - keep},
+        "layer": {"forward": ctx.level1.forward.to_dict(), "backward": ctx.level1.backward.to_dict(),
+                  "embedding_forward_peak_bytes": ctx.level1.embedding_forward.peak,
+                  "embedding_backward_peak_bytes": ctx.level1.embedding_backward.peak,
+                  "head_peak_bytes": ctx.level1.head.peak},
+        "step": {**{k: v for k, v in level2.to_dict().items()}, "step_labels": labels, "peak_step": peak_step,
+                 "live_at_peak": at_peak},
+    }
+
+
+def plan_for_stages(ctx: PlanContext, stage: Optional[int]) -> tuple[dict, list[dict]]:
+    """The plan at ``stage``, or (None) at the lowest ZeRO stage that fits (the highest stage
+    when none fits). Returns (plan, plans of every stage tried)."""
+    stages = [stage] if stage is not None else ([1, 2, 3] if ctx.options.offload_optimizer else [0, 1, 2, 3])
+    tried = []
+    for s in stages:
+        plan = finish_plan(ctx, s)
+        plan["zero_stage_chosen"] = stage is None
+        tried.append(plan)
+        if plan["fits"]:
+            return plan, tried
+    return tried[-1], tried
+
+
+def max_fitting_seq_len(fits_at: Callable[[int], bool], *, start: int, granularity: int,
+                        upper: int = 1 << 27) -> int:
+    """Largest multiple of ``granularity`` for which ``fits_at`` holds (0 when even the smallest
+    does not), by doubling from ``start`` and bisecting. Assumes fit is monotone in length."""
+    g = granularity
+    lo, hi = 0, None
+    s = max(g, start // g * g)
+    while s <= upper:
+        if fits_at(s):
+            lo = s
+            s *= 2
+        else:
+            hi = s
+            break
+    if hi is None:
+        return lo
+    if lo == 0:
+        # Nothing fitted yet: search downwards.
+        s = hi // 2 // g * g
+        while s >= g and not fits_at(s):
+            hi, s = s, s // 2 // g * g
+        if s < g:
+            return 0
+        lo = s
+    while hi - lo > g:
+        mid = (lo + hi) // 2 // g * g
+        if mid <= lo:
+            break
+        if fits_at(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
+    """Rows of the memory table: (what, bytes per rank, live at the step's peak)."""
+    live = plan["step"]["live_at_peak"]
+    st = plan["model_states"]
+    rows = [("weights", st["weights"], "weights" in live), ("gradients", st["gradients"], "gradients" in live),
+            ("optimizer states (device)", st["optimizer"], "optimizer" in live)]
+    if st["zero3_gather"]:
+        rows.append(("ZeRO-3 gather buffer", st["zero3_gather"], True))
+    lay = plan["layer"]
+    peak_ids = list(live)
+    rows += [
+        ("layer forward arena (Level 1)", lay["forward"]["peak_bytes"], any(k.endswith(".fwd") and k.startswith("L")
+                                                                             for k in peak_ids)),
+        ("layer backward arena (Level 1)", lay["backward"]["peak_bytes"], any(k.endswith(".bwd") and k.startswith("L")
+                                                                               for k in peak_ids)),
+        ("swap buffer (per layer)", plan["swap"]["swapped_bytes_per_layer"],
+         any(k.endswith((".swap_out", ".prefetch")) for k in peak_ids)),
+        (f"kept layers ({plan['keep_layers']} x saved activations)",
+         sum(v for k, v in live.items() if k.endswith(".kept")) or plan["keep_layers"] * (
+             plan["swap"]["layer_input_bytes"] + plan["swap"]["attention_output_bytes"] + plan["swap"]["other_bytes"]),
+         any(k.endswith(".kept") for k in peak_ids)),
+        ("LM head + loss block", lay["head_peak_bytes"], "head" in live),
+        ("shared (RoPE cos/sin)", live.get("shared", 0), "shared" in live),
+        ("runtime reserve (CUDA context, NCCL)", plan["reserve_bytes"], True),
+    ]
+    return rows
+
+
+__all__ = ["Cluster", "Options", "PlanContext", "Level1", "solve_level1", "finish_plan", "plan_for_stages",
+           "max_fitting_seq_len", "memory_rows", "step_allocs", "trace_allocs", "swap_sizes", "PLAN_VERSION"]

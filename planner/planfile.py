@@ -1,0 +1,127 @@
+"""Plan files: write, load (with schema checks) and match against the run that uses them. Torch-free.
+
+The runtime calls these from ``memo.wrap`` when ``MemoConfig(plan="plan.json")`` is given::
+
+    from memo.planner.planfile import load_plan, check_plan_matches, PlanFileError, PlanMismatch
+    try:
+        plan = load_plan(config.plan)
+        check_plan_matches(plan, model=model_identity(model.config), seq_len=4096 * 256,
+                           micro_batch=1, dtype="bf16", sp=8)
+    except (PlanFileError, PlanMismatch) as e:
+        raise MemoError(str(e)) from e
+    alpha = plan["alpha"]
+    forward_offsets = {t["id"]: t["offset"] for t in plan["layer"]["forward"]["tensors"]}
+
+``model_identity`` is ``memo.profile.model_identity`` (a dict of the shape-defining numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .presets import IDENTITY_FIELDS
+from .plan import PLAN_VERSION
+
+
+class PlanFileError(ValueError):
+    """A plan file that cannot be read or does not follow the schema; the message says why."""
+
+
+class PlanMismatch(ValueError):
+    """A valid plan made for another model, length, batch, dtype or SP degree."""
+
+
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+# Required top-level fields and their types.
+_SCHEMA = {
+    "memo_plan_version": int, "model": dict, "seq_len": int, "micro_batch": int, "dtype": str, "sp": int,
+    "alpha": (int, float), "fits": bool, "predicted": dict, "layer": dict, "step": dict,
+}
+_LAYOUT_FIELDS = {"peak_bytes": int, "lower_bound_bytes": int, "solve_s": (int, float), "tensors": list}
+_TENSOR_FIELDS = ("id", "bytes", "start", "end", "offset")
+
+
+def write_plan(path: str, plan: dict) -> None:
+    """Write ``plan`` as JSON (atomically: a half-written file never replaces a good one)."""
+    _check_schema(plan, "the plan to write")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(plan, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_plan(path: str) -> dict:
+    """Read and validate a plan file; raises ``PlanFileError`` naming what is wrong and the fix."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise PlanFileError(f"memo.plan: cannot read plan file {path!r} ({e.strerror}); make one with "
+                            f"`memo plan ... --out {path}`") from e
+    try:
+        plan = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanFileError(f"memo.plan: plan file {path!r} is not valid JSON ({e.msg} at line {e.lineno}); it is "
+                            f"corrupt or truncated: make it again with `memo plan ... --out {path}`") from e
+    _check_schema(plan, f"plan file {path!r}")
+    return plan
+
+
+def _check_schema(plan, where: str) -> None:
+    fix = "make it again with `memo plan ... --out plan.json`"
+    if not isinstance(plan, dict):
+        raise PlanFileError(f"memo.plan: {where} holds a {type(plan).__name__}, not a plan object; {fix}")
+    for key, typ in _SCHEMA.items():
+        if key not in plan:
+            raise PlanFileError(f"memo.plan: {where} lacks field {key!r}; {fix}")
+        if not isinstance(plan[key], typ) or (typ is int and isinstance(plan[key], bool)):
+            raise PlanFileError(f"memo.plan: {where}: field {key!r} is {plan[key]!r}, not of the expected type; {fix}")
+    if plan["memo_plan_version"] != PLAN_VERSION:
+        raise PlanFileError(f"memo.plan: {where} has plan version {plan['memo_plan_version']}, this memo reads "
+                            f"version {PLAN_VERSION}; {fix}")
+    missing = [k for k in IDENTITY_FIELDS if k not in plan["model"]]
+    if missing:
+        raise PlanFileError(f"memo.plan: {where}: model identity lacks {', '.join(missing)}; {fix}")
+    if not 0.0 <= float(plan["alpha"]) <= 1.0:
+        raise PlanFileError(f"memo.plan: {where}: alpha {plan['alpha']} is outside [0, 1]; {fix}")
+    for part in ("forward", "backward"):
+        layout = plan["layer"].get(part)
+        if not isinstance(layout, dict):
+            raise PlanFileError(f"memo.plan: {where} lacks layer.{part}; {fix}")
+        for key, typ in _LAYOUT_FIELDS.items():
+            if not isinstance(layout.get(key), typ):
+                raise PlanFileError(f"memo.plan: {where}: layer.{part}.{key} is missing or malformed; {fix}")
+        for t in layout["tensors"]:
+            if not isinstance(t, dict) or any(k not in t for k in _TENSOR_FIELDS):
+                raise PlanFileError(f"memo.plan: {where}: a tensor of layer.{part} lacks one of {_TENSOR_FIELDS}; {fix}")
+            if t["offset"] < 0 or t["offset"] + t["bytes"] > layout["peak_bytes"]:
+                raise PlanFileError(f"memo.plan: {where}: tensor {t['id']!r} of layer.{part} lies outside its arena "
+                                    f"[0, {layout['peak_bytes']}); {fix}")
+    for key in ("peak_bytes", "lower_bound_bytes"):
+        if not isinstance(plan["step"].get(key), int):
+            raise PlanFileError(f"memo.plan: {where}: step.{key} is missing or malformed; {fix}")
+
+
+def _dtype(d: str) -> str:
+    d = str(d).replace("torch.", "").lower()
+    return _DTYPE_ALIASES.get(d, d)
+
+
+def check_plan_matches(plan: dict, *, model: dict, seq_len: int, micro_batch: int, dtype: str, sp: int) -> None:
+    """Raise ``PlanMismatch`` naming every field where ``plan`` differs from this run
+    (expected = the plan's value, actual = this run's)."""
+    diffs = []
+    for key in IDENTITY_FIELDS:
+        if key in model and plan["model"].get(key) != model[key]:
+            diffs.append(f"model.{key}: plan {plan['model'].get(key)!r}, run {model[key]!r}")
+    for key, actual in (("seq_len", seq_len), ("micro_batch", micro_batch), ("sp", sp)):
+        if plan[key] != actual:
+            diffs.append(f"{key}: plan {plan[key]!r}, run {actual!r}")
+    if _dtype(plan["dtype"]) != _dtype(dtype):
+        diffs.append(f"dtype: plan {plan['dtype']!r}, run {_dtype(dtype)!r}")
+    if diffs:
+        raise PlanMismatch("memo.plan: the plan was made for another job (" + "; ".join(diffs) + "); make a plan "
+                           "for this job with `memo plan` using these values, or drop MemoConfig(plan=...)")
