@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.memo-installed
 # Reinstall when the build inputs change (setup.py, C++/CUDA sources).
-BUILD_INPUTS := setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+BUILD_INPUTS := setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
 
 .PHONY: setup demo test clean
 

@@ -1,0 +1,188 @@
+"""Token-slice pack/unpack: memo._C against the pure-torch reference, bit for bit.
+
+Every case runs through both backends (the C++ op and the fallback, by MEMO_DISABLE_CSRC), and
+each result is compared with a reference computed by narrow + clone.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from memo import _ext, ops
+from memo.errors import MemoError
+
+needs_csrc = pytest.mark.skipif(_ext._module is None, reason=f"memo._C not built: {_ext._load_error}")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["csrc", "fallback"])
+def backend(request, monkeypatch):
+    if request.param == "csrc":
+        if _ext._module is None:
+            pytest.skip(f"memo._C not built: {_ext._load_error}")
+        monkeypatch.setenv(_ext.DISABLE_ENV, "0")
+    else:
+        monkeypatch.setenv(_ext.DISABLE_ENV, "1")
+    return request.param
+
+
+def _random_bits(shape, dtype, gen):
+    """Random bit patterns (NaNs, infs, denormals included): a copy must keep every one."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    int_dtype = {2: torch.int16, 4: torch.int32}[itemsize]
+    info = torch.iinfo(int_dtype)
+    return torch.randint(info.min, info.max, shape, dtype=int_dtype, generator=gen).view(dtype)
+
+
+def _random_layout(gen, dtype):
+    """A tensor of 1-4 dims with a random permutation, maybe a strided slice; its token dim."""
+    ndim = int(torch.randint(1, 5, (), generator=gen))
+    shape = [int(torch.randint(1, 9, (), generator=gen)) for _ in range(ndim)]
+    base = _random_bits([s * 2 for s in shape], dtype, gen)   # room for step-2 slices
+    t = base[tuple(slice(0, s) for s in shape)]                # non-contiguous rows
+    if bool(torch.randint(0, 2, (), generator=gen)):
+        t = base[tuple(slice(0, 2 * s, 2) for s in shape)]     # every other element
+    perm = torch.randperm(ndim, generator=gen).tolist()
+    t = t.permute(perm)
+    if bool(torch.randint(0, 3, (), generator=gen) == 0):
+        t = t.contiguous()
+    dim = int(torch.randint(0, ndim, (), generator=gen))
+    return t, dim
+
+
+def _same_bits(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    itemsize = a.element_size()
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.uint8}[itemsize]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_unpack_random_layouts_bit_exact(backend, dtype):
+    gen = torch.Generator().manual_seed(1234 + DTYPES.index(dtype))
+    for _ in range(150):
+        src, dim = _random_layout(gen, dtype)
+        seq = src.shape[dim]
+        start = int(torch.randint(0, seq + 1, (), generator=gen))
+        stop = int(torch.randint(start, seq + 1, (), generator=gen))
+        ref = src.narrow(dim, start, stop - start).clone()
+        out = torch.full((ref.numel(),), 7, dtype=torch.int16 if dtype != torch.float32 else torch.int32).view(dtype)
+        view = ops.pack_tokens(src, dim, start, stop, out)
+        assert view.shape == ref.shape and view.data_ptr() == out.data_ptr()
+        assert _same_bits(view, ref), (backend, tuple(src.shape), src.stride(), dim, start, stop)
+
+        dst = _random_bits(tuple(src.shape), dtype, gen).as_strided(src.shape, src.stride()) \
+            if src.is_contiguous() else torch.empty_like(src).copy_(src.flip(dim) if seq else src)
+        before = dst.clone()
+        ops.unpack_tokens(out, dst, dim, start)
+        expect = before.clone()
+        expect.narrow(dim, start, stop - start).copy_(ref)
+        assert _same_bits(dst, expect), (backend, tuple(src.shape), dst.stride(), dim, start, stop)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llm_layouts(backend, dtype):
+    """The layouts the executor swaps: (b, s, h), (b*s, h), SDPA's (b, heads, s, d) view of (b, s, heads, d)."""
+    gen = torch.Generator().manual_seed(7)
+    b, s, heads, d = 2, 300, 4, 16
+    cases = [
+        (_random_bits((b, s, heads * d), dtype, gen), 1),
+        (_random_bits((b * s, heads * d), dtype, gen), 0),
+        (_random_bits((b, s, heads, d), dtype, gen).transpose(1, 2), 2),
+        (_random_bits((s, b, heads * d), dtype, gen), 0),
+        (_random_bits((b, s, heads * d), dtype, gen).transpose(1, 2), 2),   # token dim innermost, stride h
+    ]
+    for src, dim in cases:
+        for start, stop in [(0, s), (37, 300), (299, 300), (120, 120)]:
+            ref = src.narrow(dim, start, stop - start).clone()
+            out = torch.empty(ref.numel(), dtype=dtype)
+            assert _same_bits(ops.pack_tokens(src, dim, start, stop, out), ref)
+            dst = torch.zeros_like(src)
+            ops.unpack_tokens(out, dst, dim, start)
+            expect = torch.zeros_like(src)
+            expect.narrow(dim, start, stop - start).copy_(ref)
+            assert _same_bits(dst, expect)                      # and nothing outside the slice
+
+
+@needs_csrc
+def test_large_copy_runs_threaded_and_exact(monkeypatch):
+    """Slices above the parallel threshold (256 KiB), contiguous and row-strided."""
+    monkeypatch.setenv(_ext.DISABLE_ENV, "0")
+    src = torch.randn(3, 4096, 256)                     # 12 MiB
+    for dim, (start, stop) in [(1, (100, 4000)), (0, (1, 3))]:
+        ref = src.narrow(dim, start, stop - start).clone()
+        out = torch.empty(ref.numel())
+        assert torch.equal(ops.pack_tokens(src, dim, start, stop, out), ref)
+        dst = torch.zeros_like(src)
+        ops.unpack_tokens(out, dst, dim, start)
+        assert torch.equal(dst.narrow(dim, start, stop - start), ref)
+
+
+@needs_csrc
+def test_native_op_is_used_when_active(monkeypatch):
+    calls = []
+    real = torch.ops.memo.pack_tokens
+
+    class Spy:
+        def pack_tokens(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    monkeypatch.setattr(ops, "_native", lambda *t: Spy() if _ext.csrc() is not None else None)
+    src = torch.randn(4, 10)
+    monkeypatch.setenv(_ext.DISABLE_ENV, "0")
+    ops.pack_tokens(src, 1, 2, 5, torch.empty(12))
+    monkeypatch.setenv(_ext.DISABLE_ENV, "1")
+    ops.pack_tokens(src, 1, 2, 5, torch.empty(12))
+    assert len(calls) == 1
+
+
+def test_bad_arguments_raise_memo_error(backend):
+    src = torch.randn(2, 10, 4)
+    with pytest.raises(MemoError, match=r"^memo\.ops: pack_tokens: dim 3"):
+        ops.pack_tokens(src, 3, 0, 1, torch.empty(8))
+    with pytest.raises(MemoError, match=r"tokens \[4, 11\)"):
+        ops.pack_tokens(src, 1, 4, 11, torch.empty(56))
+    with pytest.raises(MemoError, match="24 elements"):
+        ops.pack_tokens(src, 1, 4, 7, torch.empty(25))
+    with pytest.raises(MemoError, match="bfloat16"):
+        ops.pack_tokens(src, 1, 4, 7, torch.empty(24, dtype=torch.bfloat16))
+    with pytest.raises(MemoError, match="whole number of tokens"):
+        ops.unpack_tokens(torch.empty(9), src, 1, 0)
+    with pytest.raises(MemoError, match=r"tokens \[8, 11\)"):
+        ops.unpack_tokens(torch.empty(24), src, 1, 8)
+
+
+@needs_csrc
+def test_cpp_op_checks_name_the_argument():
+    """Direct torch.ops callers get the C++ checks (RuntimeError naming the argument)."""
+    src = torch.randn(2, 10, 4)
+    with pytest.raises(RuntimeError, match="argument 'out' must be contiguous"):
+        torch.ops.memo.pack_tokens(src, 1, 0, 2, torch.empty(16, 2)[:, 0])
+    with pytest.raises(RuntimeError, match="argument 'dst' has elements that share memory"):
+        torch.ops.memo.unpack_tokens(torch.empty(4), torch.empty(1, 4).expand(3, 4), 0, 0)
+
+
+def test_both_backends_in_fresh_processes_agree(tmp_path):
+    """MEMO_DISABLE_CSRC read from the environment at start-up: same bytes either way."""
+    script = (
+        "import sys, torch; from memo import ops, _ext\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "src = torch.randn(3, 64, 8, 5, generator=g).to(torch.bfloat16).permute(2, 1, 0, 3)\n"
+        "out = torch.empty(8 * 40 * 3 * 5, dtype=torch.bfloat16)\n"
+        "ops.pack_tokens(src, 1, 10, 50, out)\n"
+        "dst = torch.zeros_like(src); ops.unpack_tokens(out, dst, 1, 10)\n"
+        "torch.save({'out': out, 'dst': dst, 'active': _ext.csrc() is not None}, sys.argv[1])\n")
+    results = {}
+    for flag in ("0", "1"):
+        path = tmp_path / f"r{flag}.pt"
+        env = dict(os.environ, MEMO_DISABLE_CSRC=flag)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
+        results[flag] = torch.load(path)
+    assert results["1"]["active"] is False
+    assert results["0"]["active"] is (_ext._module is not None)
+    assert torch.equal(results["0"]["out"].view(torch.int16), results["1"]["out"].view(torch.int16))
+    assert torch.equal(results["0"]["dst"].view(torch.int16), results["1"]["dst"].view(torch.int16))
