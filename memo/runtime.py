@@ -50,6 +50,7 @@ class MemoRuntime:
         self.timing_pass = False
         self.step_times: dict = {}
         self._cache_warned = False
+        self.plan: Optional[dict] = None
 
     # --- the wrapped layer forward --------------------------------------------------------
     def run_layer(self, index: int, layer: torch.nn.Module, hidden_states: torch.Tensor, args: tuple,
@@ -161,9 +162,20 @@ class MemoRuntime:
             self.traces[key] = trace_layer(original, layer, call)
         shapes = key[2:5] + key[6:]   # everything but the layer kind and whether the input requires grad
         if self.prepared_key != shapes:
+            if self.plan is not None:
+                self.check_plan(call)
             self._size_pool(call)
             self.prepared_key = shapes
         return self.traces[key]
+
+    def check_plan(self, call: LayerCall) -> None:
+        """Refuse a plan made for another sequence length, micro-batch or dtype (before any compute)."""
+        from memo.planner.planfile import PlanMismatch, check_plan_matches
+        try:
+            check_plan_matches(self.plan, model=self.plan["model"], seq_len=call.seq, micro_batch=call.batch,
+                               dtype=str(call.hidden_states.dtype), sp=1)
+        except PlanMismatch as e:
+            raise MemoError(str(e)) from e
 
     def _layer_traces(self, call: LayerCall) -> list[LayerTrace]:
         """Trace of every swapped layer for this call's shapes (one trace per distinct layer kind)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -167,13 +168,22 @@ def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_ma
 
 
 def _apply_plan(model, runtime: MemoRuntime, config: MemoConfig) -> None:
-    """Take the swap ratio from a plan file made by ``memo plan --out``; refuse a plan for another model."""
-    from memo.planner import planfile
+    """Take the swap ratio from a plan file made by ``memo plan --out``; refuse a plan for another model.
+
+    The model is checked here; sequence length, micro-batch and dtype at the first forward
+    (``MemoRuntime.check_plan``), before any layer computes.
+    """
+    from memo.planner.planfile import PlanFileError, PlanMismatch, check_plan_matches, load_plan
+    from memo.profile import model_identity
     try:
-        plan = planfile.load_plan(config.plan)
-    except (OSError, ValueError) as e:
-        raise MemoError(f"memo.wrap: cannot use plan {config.plan!r}: {e}") from e
+        plan = load_plan(config.plan)
+        check_plan_matches(plan, model=model_identity(model.config), seq_len=plan["seq_len"],
+                           micro_batch=plan["micro_batch"], dtype=plan["dtype"], sp=plan["sp"])
+    except (PlanFileError, PlanMismatch) as e:
+        raise MemoError(str(e)) from e
+    if config.swap_ratio != "auto" and float(config.swap_ratio) != float(plan["alpha"]):
+        warnings.warn(f"memo.wrap: swap_ratio={config.swap_ratio} is overridden by the plan's alpha "
+                      f"{plan['alpha']} ({config.plan})", stacklevel=3)
     runtime.plan = plan
-    runtime.plan_model = model
     runtime.alpha = float(plan["alpha"])
     runtime.alpha_reason = f"from plan {config.plan}"
