@@ -205,7 +205,7 @@ class LayerState:
         split = token_records[0].split
         assert all(r.split == split for r in token_records), "memo.executor: records disagree on split (bug)"
         input_rec = self.records[self.input_key]
-        hidden = input_rec.view_value(0).narrow(1, 0, split).detach().requires_grad_(self.input_requires_grad)
+        hidden = input_rec.view_value(0).narrow(1, 0, split).contiguous().requires_grad_(self.input_requires_grad)
         kwargs = self.call.sliced_kwargs(split)
 
         def replay(call_index: int, func, args) -> tuple:

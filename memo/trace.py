@@ -262,6 +262,10 @@ def _run_recording(layer_forward: Callable, layer: torch.nn.Module, call: LayerC
     return saved, kernel_mode
 
 
+def _summary(classes: list[str]) -> str:
+    return ", ".join(f"{classes.count(c)} {c}" for c in dict.fromkeys(classes))
+
+
 def _layouts(full: list, short: list, batch: int, seq: int, short_seq: int) -> list[TokenLayout]:
     layouts = []
     for (cls, shape, *_), (_, sshape, *_) in zip(full, short):
@@ -323,13 +327,16 @@ def trace_layer(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall
                 if isinstance(t, torch.Tensor) and t.numel() > 0:
                     kernel_geoms.setdefault(storage_key(t), []).append(
                         (tuple(t.shape), tuple(t.stride()), t.storage_offset()))
-        short_hidden = hidden.detach()[:, :short_seq].requires_grad_(hidden.requires_grad)
+        # Contiguous like the real input, so ops that call .contiguous() save the same tensors.
+        short_hidden = hidden.detach()[:, :short_seq].contiguous().requires_grad_(hidden.requires_grad)
         short, _ = _run_recording(layer_forward, layer, fake_call, short_hidden, fake_call.sliced_kwargs(short_seq),
                                   fake)
-    if [e[0] for e in full] != [e[0] for e in short]:
-        raise MemoError(f"memo.trace: the layer saves {len(full)} tensors for {call.seq} tokens but {len(short)} for "
-                        f"{short_seq}; its saved tensors are not token-wise, so memo cannot swap it. Use "
-                        f"keep_last_layers to keep such layers on the device")
+    full_classes, short_classes = [e[0].value for e in full], [e[0].value for e in short]
+    if full_classes != short_classes:
+        raise MemoError(f"memo.trace: {type(layer).__name__} saves different tensors for {call.seq} tokens "
+                        f"({len(full)}: {_summary(full_classes)}) than for {short_seq} ({len(short)}: "
+                        f"{_summary(short_classes)}); its saved tensors are not token-wise, so memo cannot swap it. "
+                        f"Keep such layers on the device with keep_last_layers")
     if not kernel_full.outputs:
         raise MemoError("memo.trace: no attention kernel ran inside the decoder layer, so memo would have to "
                         "recompute attention; load the model with attn_implementation='sdpa'")

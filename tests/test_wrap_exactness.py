@@ -116,3 +116,24 @@ def test_offload_dtype_bf16_halves_host_bytes():
     assert memo.stats(half).swapped_bytes * 2 == memo.stats(exact).swapped_bytes
     for name in plain:   # lossy by design: bf16 keeps 8 bits of mantissa
         torch.testing.assert_close(got[name], plain[name], rtol=5e-2, atol=5e-3 * plain[name].abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["Qwen3", "Gemma", "Olmo2", "Phi3", "Starcoder2"])
+def test_more_families(family):
+    """Other HF decoder families (q/k norms, post-norms, fused qkv, LayerNorm + GeLU with biases)."""
+    import transformers
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    torch.manual_seed(0)
+    model = model_cls(config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, use_cache=False,
+                                 attn_implementation="sdpa"))
+    micro = [batch(2, 40)]
+    _, ref64 = run_step(twin(model, torch.float64), micro)
+    _, plain = run_step(twin(model), micro)
+    wrapped = _wrapped(model, 0.37, None)
+    _, got = run_step(wrapped, micro)
+    assert memo.stats(wrapped).recomputed_bytes > 0
+    plain_err, memo_err = _max_err(plain, ref64), _max_err(got, ref64)
+    for name in ref64:
+        assert memo_err[name] <= 2 * plain_err[name], (name, memo_err[name], plain_err[name])
