@@ -51,6 +51,7 @@ class MemoRuntime:
         self.step_times: dict = {}
         self._cache_warned = False
         self.plan: Optional[dict] = None
+        self.shared_args: dict[int, int] = {}
 
     # --- the wrapped layer forward --------------------------------------------------------
     def run_layer(self, index: int, layer: torch.nn.Module, hidden_states: torch.Tensor, args: tuple,
@@ -81,6 +82,8 @@ class MemoRuntime:
         state.forward_s = self._now() - start
         state.finish_forward()
         self.pass_states.append(weakref.ref(state))
+        for t in call.shared_tensors():   # kept for recomputation, once per model (not per layer)
+            self.shared_args[storage_key(t)] = t.untyped_storage().nbytes()
         st = self.layer_stats[index]
         st.activation_bytes = state.activation_bytes()
         st.swapped_bytes = state.host_bytes()
@@ -118,6 +121,7 @@ class MemoRuntime:
     # --- passes -----------------------------------------------------------------------------
     def _start_pass(self) -> None:
         self.pass_states = [r for r in self.pass_states if r() is not None and r().phase.value != "done"]
+        self.shared_args = {}
         self.timing_pass = self.auto_pending
         if self.engine is not None:
             self.engine.reset_timers()
@@ -290,7 +294,7 @@ class MemoRuntime:
             "num_allocs": 0}
         return MemoStats(layers=[self.layer_stats[i] for i in sorted(self.layer_stats)], host_pool=pool,
                          swap_ratio=self.alpha, swap_ratio_setting=self.config.swap_ratio,
-                         swap_ratio_reason=self.alpha_reason,
+                         swap_ratio_reason=self.alpha_reason, shared_bytes=sum(self.shared_args.values()),
                          step={k: v for k, v in self.step_times.items() if k != "forward_start"})
 
     def close(self) -> None:

@@ -27,6 +27,9 @@ class MemoStats:
     swap_ratio: Optional[float]
     swap_ratio_setting: object
     swap_ratio_reason: str
+    # Device bytes of the layer arguments every layer shares (masks, position ids, RoPE tables)
+    # that memo keeps referenced for recomputation: once per model, never per layer.
+    shared_bytes: int = 0
     step: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -56,6 +59,7 @@ class MemoStats:
         pool = self.host_pool
         lines.append(f"host pool: reserved {format_bytes(pool.get('reserved_bytes', 0))}, high water "
                      f"{format_bytes(pool.get('high_water_bytes', 0))}, in use {format_bytes(pool.get('used_bytes', 0))}")
+        lines.append(f"shared layer arguments kept once for recomputation: {format_bytes(self.shared_bytes)}")
         if self.step:
             lines.append("last step: " + ", ".join(f"{k} {v:.3f}" for k, v in self.step.items()))
         return "\n".join(lines)
