@@ -5,6 +5,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 
 #include "checks.h"
@@ -14,51 +20,161 @@
 namespace memo {
 namespace {
 
-constexpr int64_t kParallelBytes = 1 << 18;  // below this a copy runs on one thread
+constexpr int64_t kUnitBytes = 1 << 18;      // bytes per unit of work handed to a thread
+
+// Copies smaller than this run on the calling thread. A parallel region ends in a barrier:
+// if one worker's core is busy with another process, the copy waits for the scheduler (a few
+// ms), which only pays off for copies that take longer than that. MEMO_PARALLEL_COPY_BYTES
+// overrides it (0: always parallel).
+int64_t parallel_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("MEMO_PARALLEL_COPY_BYTES");
+    return env != nullptr ? std::atoll(env) : int64_t{16} << 20;
+  }();
+  return bytes;
+}
+
+// Runs f(u) for u in [0, units). Threads pull units from a shared counter, so a thread slowed
+// down by a busy core takes fewer units instead of holding the whole copy back.
+template <typename F>
+void for_each_unit(int64_t units, int64_t total_bytes, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  if (threads <= 1 || total_bytes < parallel_min_bytes() || at::in_parallel_region()) {
+    for (int64_t u = 0; u < units; ++u) f(u);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) f(u);
+  });
+}
+
+// Copies at least this large write with non-temporal (streaming) stores: the destination is
+// not read again soon, and skipping the read-for-ownership of every written cache line is what
+// makes glibc's memcpy fast on large copies. Smaller copies stay in cache with plain stores.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+
+// memcpy with streaming stores for the 16-byte-aligned body of the destination.
+inline void stream_copy(uint8_t* dst, const uint8_t* src, int64_t n) {
+#if defined(__SSE2__)
+  if (n >= 128) {
+    const int64_t head = static_cast<int64_t>((16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15);
+    std::memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    const int64_t body = n & ~int64_t{63};
+    for (int64_t i = 0; i < body; i += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    std::memcpy(dst + body, src + body, n - body);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+// Makes streaming stores visible before the unit counts as done.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+template <bool kPack, bool kStream>
+inline void copy_bytes(uint8_t* strided, uint8_t* packed, int64_t n) {
+  uint8_t* dst = kPack ? packed : strided;
+  const uint8_t* src = kPack ? strided : packed;
+  kStream ? stream_copy(dst, src, n) : (void)std::memcpy(dst, src, n);
+}
+
+// Element offset (on the strided side) of row `r`, rows numbered in packed order over the
+// outer dimensions [0, n - 1); idx receives the row's multi-index.
+inline int64_t row_offset(const SliceLayout& l, int64_t r, int64_t* idx) {
+  int64_t off = 0;
+  for (int d = l.ndim - 2; d >= 0; --d) {
+    idx[d] = r % l.sizes[d];
+    r /= l.sizes[d];
+    off += idx[d] * l.strides[d];
+  }
+  return off;
+}
 
 // Copies between the strided slice at `strided` (layout l, elements of `esize` bytes) and the
 // contiguous buffer `packed`; kPack: strided -> packed, else packed -> strided.
 // See NOTE [ Token slice layout ].
-template <bool kPack>
-void copy_rows(uint8_t* strided, uint8_t* packed, const SliceLayout& l, int64_t esize) {
+// kEsize: the element size when known at compile time (0: use esize_arg).
+template <bool kPack, int64_t kEsize, bool kStream>
+void copy_rows(uint8_t* strided, uint8_t* packed, const SliceLayout& l, int64_t esize_arg) {
+  const int64_t esize = kEsize != 0 ? kEsize : esize_arg;
   const int n = l.ndim;
-  if (n == 0) {  // a single element
-    kPack ? std::memcpy(packed, strided, esize) : std::memcpy(strided, packed, esize);
-    return;
-  }
+  const int64_t total = l.numel * esize;
+  if (n == 0) return copy_bytes<kPack, false>(strided, packed, esize);  // a single element
   const bool inner_contiguous = l.strides[n - 1] == 1;
-  if (inner_contiguous && n == 1) {  // one contiguous run: split it into large chunks
-    const int64_t total = l.numel * esize;
-    const int64_t chunk = kParallelBytes * 4;
-    at::parallel_for(0, (total + chunk - 1) / chunk, 1, [&](int64_t b, int64_t e) {
-      const int64_t lo = b * chunk, hi = std::min(total, e * chunk);
-      kPack ? std::memcpy(packed + lo, strided + lo, hi - lo) : std::memcpy(strided + lo, packed + lo, hi - lo);
-    });
-    return;
-  }
-  // A "row" is the last dimension; rows are walked in packed order with a carried index.
   const int64_t row_len = l.sizes[n - 1];
   const int64_t row_bytes = row_len * esize;
   const int64_t rows = l.numel / row_len;
-  const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+
+  if (inner_contiguous && row_bytes >= 2 * kUnitBytes) {
+    // 1. Long contiguous rows (a whole slice, or a few batch rows): units are pieces of rows.
+    const int64_t per_row = (row_bytes + kUnitBytes - 1) / kUnitBytes;
+    for_each_unit(rows * per_row, total, [&](int64_t u) {
+      int64_t idx[kMaxCopyDims];
+      const int64_t r = u / per_row, lo = (u % per_row) * kUnitBytes;
+      const int64_t off = row_offset(l, r, idx) * esize + lo;
+      copy_bytes<kPack, kStream>(strided + off, packed + r * row_bytes + lo, std::min(kUnitBytes, row_bytes - lo));
+      if (kStream) stream_fence();
+    });
+    return;
+  }
+
+  if (inner_contiguous && n >= 3 && l.strides[n - 3] < l.strides[n - 2]) {
+    // 2. The last two outer dimensions are transposed in memory (SDPA's (b, heads, s, d) view
+    //    of (b, s, heads, d)): walking packed order would touch a new page every row. Tile the
+    //    token-like dimension n - 2 so that reads and writes are both runs within a tile.
+    const int64_t a = l.sizes[n - 3], t_size = l.sizes[n - 2];
+    const int64_t tile = std::max<int64_t>(1, std::min(t_size, kUnitBytes / std::max<int64_t>(a * row_bytes, 1)));
+    const int64_t tiles = (t_size + tile - 1) / tile;
+    const int64_t outer = rows / (a * t_size);
+    for_each_unit(outer * tiles, total, [&](int64_t u) {
+      int64_t idx[kMaxCopyDims];
+      const int64_t o = u / tiles, t0 = (u % tiles) * tile, t1 = std::min(t_size, t0 + tile);
+      const int64_t base_row = o * a * t_size;  // row of (o, 0, 0) in packed order
+      const int64_t base_off = row_offset(l, base_row, idx);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t i = 0; i < a; ++i) {
+          const int64_t off = base_off + i * l.strides[n - 3] + t * l.strides[n - 2];
+          copy_bytes<kPack, kStream>(strided + off * esize, packed + (base_row + i * t_size + t) * row_bytes,
+                                     row_bytes);
+        }
+      }
+      if (kStream) stream_fence();
+    });
+    return;
+  }
+
+  // 3. Rows in packed order, many rows per unit, the row index carried from row to row.
+  const int64_t per_unit = std::max<int64_t>(1, kUnitBytes / std::max<int64_t>(row_bytes, 1));
+  const int64_t units = (rows + per_unit - 1) / per_unit;
+  for_each_unit(units, total, [&](int64_t u) {
     int64_t idx[kMaxCopyDims];
-    int64_t rem = begin, off = 0;
-    for (int d = n - 2; d >= 0; --d) {
-      idx[d] = rem % l.sizes[d];
-      rem /= l.sizes[d];
-      off += idx[d] * l.strides[d];
-    }
+    const int64_t begin = u * per_unit, end = std::min(rows, begin + per_unit);
+    int64_t off = row_offset(l, begin, idx);
     for (int64_t r = begin; r < end; ++r) {
       uint8_t* s = strided + off * esize;
       uint8_t* p = packed + r * row_bytes;
       if (inner_contiguous) {
-        kPack ? std::memcpy(p, s, row_bytes) : std::memcpy(s, p, row_bytes);
+        copy_bytes<kPack, kStream>(s, p, row_bytes);
       } else {
         const int64_t step = l.strides[n - 1] * esize;
-        for (int64_t i = 0; i < row_len; ++i, p += esize, s += step) {
-          kPack ? std::memcpy(p, s, esize) : std::memcpy(s, p, esize);  // esize is 1..8: inlined
-        }
+        for (int64_t i = 0; i < row_len; ++i, p += esize, s += step) copy_bytes<kPack, false>(s, p, esize);
       }
       for (int d = n - 2; d >= 0; --d) {  // advance the row index
         off += l.strides[d];
@@ -67,18 +183,28 @@ void copy_rows(uint8_t* strided, uint8_t* packed, const SliceLayout& l, int64_t 
         idx[d] = 0;
       }
     }
+    if (kStream) stream_fence();
   });
+}
+
+template <bool kPack, int64_t kEsize>
+void copy_rows_sized(uint8_t* strided, uint8_t* packed, const SliceLayout& l, int64_t esize) {
+  if (l.numel * esize >= kStreamingBytes) {
+    copy_rows<kPack, kEsize, true>(strided, packed, l, esize);
+  } else {
+    copy_rows<kPack, kEsize, false>(strided, packed, l, esize);
+  }
 }
 
 template <bool kPack>
 void copy_dispatch(uint8_t* strided, uint8_t* packed, const SliceLayout& l, int64_t esize) {
   // Fixed-size memcpy lets the compiler emit one load and one store per element.
   switch (esize) {
-    case 1: return copy_rows<kPack>(strided, packed, l, 1);
-    case 2: return copy_rows<kPack>(strided, packed, l, 2);
-    case 4: return copy_rows<kPack>(strided, packed, l, 4);
-    case 8: return copy_rows<kPack>(strided, packed, l, 8);
-    default: return copy_rows<kPack>(strided, packed, l, esize);
+    case 1: return copy_rows_sized<kPack, 1>(strided, packed, l, 1);
+    case 2: return copy_rows_sized<kPack, 2>(strided, packed, l, 2);
+    case 4: return copy_rows_sized<kPack, 4>(strided, packed, l, 4);
+    case 8: return copy_rows_sized<kPack, 8>(strided, packed, l, 8);
+    default: return copy_rows_sized<kPack, 0>(strided, packed, l, esize);
   }
 }
 

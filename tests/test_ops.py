@@ -109,12 +109,17 @@ def test_llm_layouts(backend, dtype):
 
 @needs_csrc
 def test_large_copy_runs_threaded_and_exact(monkeypatch):
-    """Slices above the parallel threshold (256 KiB), contiguous and row-strided."""
+    """Slices above the streaming-store (8 MiB) and parallel (16 MiB) thresholds: long rows cut
+    into pieces, tiled transposed rows, unaligned rows."""
     monkeypatch.setenv(_ext.DISABLE_ENV, "0")
-    src = torch.randn(3, 4096, 256)                     # 12 MiB
-    for dim, (start, stop) in [(1, (100, 4000)), (0, (1, 3))]:
+    cases = [(torch.randn(3, 4096, 256), 1, 100, 4000),          # 12 MiB, rows of 4 MiB split in pieces
+             (torch.randn(3, 4096, 256), 0, 1, 3),
+             (torch.randn(2, 1500, 32, 128).to(torch.bfloat16).transpose(1, 2), 2, 123, 1499),  # tiled, partial tile
+             (torch.randn(3, 2000, 1001).half(), 1, 99, 2000),            # streaming stores, unaligned rows
+             (torch.randn(1, 3000, 7, 301).half().transpose(1, 2), 2, 1, 2999)]  # tiled, odd row bytes
+    for src, dim, start, stop in cases:
         ref = src.narrow(dim, start, stop - start).clone()
-        out = torch.empty(ref.numel())
+        out = torch.empty(ref.numel(), dtype=src.dtype)
         assert torch.equal(ops.pack_tokens(src, dim, start, stop, out), ref)
         dst = torch.zeros_like(src)
         ops.unpack_tokens(out, dst, dim, start)
@@ -179,7 +184,7 @@ def test_both_backends_in_fresh_processes_agree(tmp_path):
     results = {}
     for flag in ("0", "1"):
         path = tmp_path / f"r{flag}.pt"
-        env = dict(os.environ, MEMO_DISABLE_CSRC=flag)
+        env = dict(os.environ, MEMO_DISABLE_CSRC=flag, MEMO_PARALLEL_COPY_BYTES="0")  # threads even when small
         subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
         results[flag] = torch.load(path)
     assert results["1"]["active"] is False
