@@ -81,5 +81,5 @@ def layer_parameters(model: dict) -> int:
 def model_parameters(model: dict) -> int:
     """All parameters: layers, token embedding, final norm, and the LM head unless tied (GPT)."""
     h, v = model["hidden"], model["vocab"]
-    tied = mlp_kind(model) == "gelu"
-    return model["layers"] * layer_parameters(model) + v * h + (0 if tied else v * h) + 2 * h
+    gpt = mlp_kind(model) == "gelu"          # GPT: tied LM head, final LayerNorm with bias
+    return model["layers"] * layer_parameters(model) + v * h + (0 if gpt else v * h) + (2 * h if gpt else h)

@@ -23,14 +23,14 @@ from memo.planner.units import UnitError, format_bytes, parse_bandwidth, parse_b
 def plan_command_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="predict memory, swap ratio, step time and MFU of a long-context job",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="preset (memo-paper-7b, llama3-8b, ...) or path to a config.json")
-    p.add_argument("--seq-len", required=True, help="tokens per sequence: 1048576, 512K, 1M")
+    p.add_argument("--model", help="preset (memo-paper-7b, llama3-8b, ...) or path to a config.json")
+    p.add_argument("--seq-len", help="tokens per sequence: 1048576, 512K, 1M")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
     p.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all GPUs)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing one host's memory (default 8)")
     p.add_argument("--gpu", default="a800", help="a800, a100-80g, h100, h200 (default a800)")
-    p.add_argument("--host-memory", required=True, help="host memory per node memo may use: 2TiB, 512GiB")
+    p.add_argument("--host-memory", help="host memory per node memo may use: 2TiB, 512GiB")
     p.add_argument("--pcie", default=None, help="achieved host<->GPU bandwidth per GPU, e.g. 25GB/s (GPU default)")
     p.add_argument("--nvlink", default=None, help="GPU<->GPU bandwidth per direction, e.g. 200GB/s (GPU default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
@@ -49,6 +49,8 @@ def plan_command_parser(subparsers) -> None:
     p.add_argument("--out", default=None, help="write the plan (JSON) here, for MemoConfig(plan=...)")
     p.add_argument("--plot", default=None, help="write a PNG of the planned layouts here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.add_argument("--from-plan", default=None, metavar="PLAN_JSON",
+                   help="check and show a plan written by --out instead of making one")
     p.set_defaults(func=plan_command)
 
 
@@ -78,6 +80,10 @@ class _Progress:
 
 
 def _parse(args):
+    missing = [f"--{n.replace('_', '-')}" for n in ("model", "seq_len", "host_memory") if getattr(args, n) is None]
+    if missing:
+        raise MemoError(f"memo.plan: {', '.join(missing)} required; e.g. memo plan --model memo-paper-7b --seq-len 1M "
+                        f"--gpus 8 --gpu a800 --host-memory 2TiB")
     try:
         seq_len = parse_count(args.seq_len)
         host = parse_bytes(args.host_memory)
@@ -130,6 +136,8 @@ def _plan(args) -> int:
     from memo.planner.planfile import write_plan
     from memo.profile import check_seq_len, load_model, profile_model
 
+    if args.from_plan:
+        return _show_plan(args)
     seq_len, host, reserve, gpu, sp, swap = _parse(args)
     model = load_model(args.model)
     check_seq_len(seq_len, sp)
@@ -190,6 +198,22 @@ def _plan(args) -> int:
     if args.out:
         write_plan(args.out, plan)
         progress.say(f"wrote {args.out} (use it with memo.MemoConfig(plan={args.out!r}))")
+    return 0
+
+
+def _show_plan(args) -> int:
+    from memo.planner.planfile import PlanFileError, load_plan
+    try:
+        plan = load_plan(args.from_plan)
+    except PlanFileError as e:
+        raise MemoError(str(e)) from e
+    if args.json:
+        print(json.dumps(plan, indent=1, sort_keys=True))
+    else:
+        _report(plan)
+    if args.plot:
+        from memo.planner.plot import plot_plan
+        plot_plan(plan, args.plot)
     return 0
 
 
