@@ -134,11 +134,21 @@ def runtime_of(model: torch.nn.Module) -> MemoRuntime:
 
 
 # --- chunked loss ------------------------------------------------------------------------------
+# Model types whose CausalLM head is ``lm_head(hidden)`` then (optionally) Cohere's logit scale or a
+# final soft-cap, then ``ForCausalLMLoss`` -- what the chunked loss reproduces. Others (Granite
+# divides the logits by ``logits_scaling``, ...) are refused rather than silently changed.
+CHUNKABLE_HEADS = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "cohere", "cohere2", "phi3", "olmo", "olmo2", "starcoder2", "smollm3", "glm", "stablelm",
+})
+
+
 def _check_chunkable(model: torch.nn.Module) -> None:
-    cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        raise MemoError(f"memo.wrap: {type(model).__name__} rescales its logits, which the chunked loss does not "
-                        f"reproduce; pass MemoConfig(loss_chunk_size=None)")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in CHUNKABLE_HEADS:
+        raise MemoError(f"memo.wrap: the chunked loss does not know the LM head of model type {model_type!r} "
+                        f"(it may scale its logits); pass MemoConfig(loss_chunk_size=None) to keep the model's own "
+                        f"head and loss")
     if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         raise MemoError("memo.wrap: the model's lm_head is not a Linear layer; pass MemoConfig(loss_chunk_size=None)")
 
@@ -154,15 +164,17 @@ def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_ma
             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from memo.loss import chunked_causal_lm_loss
+    from memo.loss import chunked_causal_lm_loss, head_options_from_config
 
     num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
     outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                           use_cache=False if use_cache is None else use_cache, **kwargs)
     hidden = outputs.last_hidden_state
     loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, chunk_size=runtime.config.loss_chunk_size,
-                                  bias=model.lm_head.bias, num_items_in_batch=num_items)
+                                  bias=model.lm_head.bias, num_items_in_batch=num_items, shift_labels=shift_labels,
+                                  **head_options_from_config(model.config))
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 

@@ -137,3 +137,24 @@ def test_more_families(family):
     plain_err, memo_err = _max_err(plain, ref64), _max_err(got, ref64)
     for name in ref64:
         assert memo_err[name] <= 2 * plain_err[name], (name, memo_err[name], plain_err[name])
+
+
+@pytest.mark.parametrize("family", ["Cohere", "Granite"])
+def test_chunked_loss_on_scaled_heads(family):
+    """Cohere scales its logits (reproduced); Granite divides them by logits_scaling (refused)."""
+    import transformers
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, pad_token_id=0, use_cache=False, attn_implementation="sdpa"))
+    if family == "Granite":
+        with pytest.raises(memo.MemoError, match="loss_chunk_size=None"):
+            _wrapped(model, 1.0, 16)
+        return
+    micro = [batch(2, 40)]
+    _, ref64 = run_step(twin(model, torch.float64), micro)
+    _, plain = run_step(twin(model), micro)
+    _, got = run_step(_wrapped(model, 1.0, 16), micro)
+    plain_err, memo_err = _max_err(plain, ref64), _max_err(got, ref64)
+    for name in ref64:
+        assert memo_err[name] <= 2 * plain_err[name], (name, memo_err[name], plain_err[name])
