@@ -160,18 +160,18 @@ def _plan(args) -> int:
                              "device_peak_bytes": p["predicted"]["device_peak_bytes"], "reasons": p["reasons"]}
                             for p in tried]
 
-    def fits_at(s: int, *, gpus: int = args.gpus, sp_: int = sp) -> bool:
+    def fits_at(s: int, *, gpus: int = args.gpus, sp_: int = sp, host_: int = host,
+                stage=args.zero_stage, offload: bool = args.offload_optimizer) -> bool:
+        """Does the job fit with these changes? Greedy layouts; higher ZeRO stages only lower
+        device memory, so with no stage given "some stage fits" is "stage 3 fits"."""
+        from memo.planner.plan import finish_plan
         pr = profile_model(model, seq_len=s, micro_batch=args.micro_batch, dtype=args.dtype, sp=sp_,
                            loss_chunk=args.loss_chunk).to_dict()
-        cl = Cluster(gpus=gpus, sp=sp_, gpu=gpu, host_memory=host, gpus_per_node=args.gpus_per_node,
+        cl = Cluster(gpus=gpus, sp=sp_, gpu=gpu, host_memory=host_, gpus_per_node=args.gpus_per_node,
                      reserve_bytes=reserve)
-        opts = Options(offload_optimizer=args.offload_optimizer, swap_ratio=swap, keep_layers=args.keep_layers,
-                       use_mip=False)
+        opts = Options(offload_optimizer=offload, swap_ratio=swap, keep_layers=args.keep_layers, use_mip=False)
         c = PlanContext(pr, cl, opts, solve_level1(pr, use_mip=False))
-        # Higher ZeRO stages only lower device memory, so "any stage fits" is "stage 3 fits".
-        stage = args.zero_stage if args.zero_stage is not None else 3
-        from memo.planner.plan import finish_plan
-        return finish_plan(c, stage)["fits"]
+        return finish_plan(c, 3 if stage is None else stage)["fits"]
 
     granularity = 2 * sp * -(-8192 // (2 * sp))
     if args.max_seq_len or not plan["fits"]:
@@ -179,7 +179,7 @@ def _plan(args) -> int:
         progress.say("searching the largest sequence length that fits (greedy layouts)")
         plan["max_seq_len"] = max_fitting_seq_len(fits_at, start=seq_len, granularity=granularity)
     if not plan["fits"]:
-        plan["suggestions"] = _suggestions(plan, tried, fits_at, seq_len, args, sp, host)
+        plan["suggestions"] = _suggestions(plan, fits_at, seq_len, args, sp, host)
 
     if args.json:
         print(json.dumps(plan, indent=1, sort_keys=True))
@@ -191,7 +191,7 @@ def _plan(args) -> int:
         progress.say(f"wrote {args.plot}")
     if not plan["fits"]:
         sys.stderr.write(f"memo.plan: the job does not fit: {'; '.join(plan['reasons'])}. Smallest changes that fit: "
-                         f"{'; '.join(plan['suggestions']) or 'none found within 64x the GPUs'}\n")
+                         f"{'; '.join(plan['suggestions']) or 'no single change found (tried ZeRO stages, offload, 64 TiB of host memory, 64x the GPUs)'}\n")
         if args.out:
             sys.stderr.write(f"memo.plan: not writing {args.out}: a plan that does not fit would fail at run time\n")
         return 2
@@ -217,33 +217,36 @@ def _show_plan(args) -> int:
     return 0
 
 
-def _suggestions(plan: dict, tried: list, fits_at, seq_len: int, args, sp: int, host: int) -> list[str]:
-    """The smallest single changes that make the job fit: a ZeRO stage/offload, more host
-    memory, more GPUs (SP grown with them), or a shorter sequence."""
+def _suggestions(plan: dict, fits_at, seq_len: int, args, sp: int, host: int) -> list[str]:
+    """The smallest single changes that make the job fit, each checked with ``fits_at``: a ZeRO
+    stage, optimizer offload, more host memory, more GPUs (SP grown with them), a shorter sequence."""
     out = []
-    if args.zero_stage is not None and args.zero_stage < 3:
-        out.append(f"drop --zero-stage (or raise it) to let memo pick a stage that fits")
-    device_ok = all(not r.startswith("device") for r in plan["reasons"])
-    host_short = any(r.startswith("host") for r in plan["reasons"])
-    if host_short:
-        m = plan["model"]
-        keep = plan["keep_layers"]
-        per_rank = (m["layers"] - keep) * (plan["swap"]["layer_input_bytes"] + plan["swap"]["attention_output_bytes"]) \
-            + plan["model_states"]["host"]
-        out.append(f"--host-memory {format_bytes(per_rank * plan['gpus_per_node'])} or more per node "
-                   f"(with alpha = 0: everything but inputs and attention outputs recomputed)")
-    if not device_ok and not args.offload_optimizer and plan["model_states"]["optimizer"]:
-        out.append("--offload-optimizer (optimizer states to the host)")
-    gpus = args.gpus
+    if args.zero_stage is not None and args.zero_stage < 3 and fits_at(seq_len, stage=None):
+        out.append("drop --zero-stage (a higher stage fits)")
+    if not args.offload_optimizer and fits_at(seq_len, offload=True,
+                                              stage=None if args.zero_stage in (None, 0) else args.zero_stage):
+        out.append("--offload-optimizer")
+    if any(r.startswith("host") for r in plan["reasons"]):
+        mib = 1 << 20
+        limit = 64 << 40
+        if fits_at(seq_len, host_=limit):
+            lo, hi = host // mib, limit // mib        # search in MiB: fits at hi, not at lo
+            while hi - lo > max(1, hi // 100):        # to 1%
+                mid = (lo + hi) // 2
+                if fits_at(seq_len, host_=mid * mib):
+                    hi = mid
+                else:
+                    lo = mid
+            out.append(f"--host-memory {format_bytes(hi * mib)} per node")
     for factor in (2, 4, 8, 16, 32, 64):
-        g, s = gpus * factor, sp * factor
+        g, s = args.gpus * factor, sp * factor
         if seq_len % (2 * s):
             break
         if fits_at(seq_len, gpus=g, sp_=s):
             out.append(f"--gpus {g} --sp {s}")
             break
     if plan.get("max_seq_len"):
-        out.append(f"--seq-len {plan['max_seq_len']} (the largest that fits on this cluster)")
+        out.append(f"--seq-len {plan['max_seq_len']} (the largest that fits this cluster)")
     return out
 
 

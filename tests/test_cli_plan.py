@@ -1,0 +1,117 @@
+"""`memo plan`: --json schema, plan files, plots, and exit code 2 on every kind of bad input."""
+
+import json
+
+import pytest
+
+from memo.cli.main import main
+from memo.planner.layout import Alloc, validate_layout
+from memo.planner.planfile import check_plan_matches, load_plan
+
+FAST = ["--time-limit", "5"]
+
+
+def _run(capsys, *argv):
+    code = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_schema_for_the_paper_7b_at_1m(capsys, tmp_path):
+    out_path = tmp_path / "plan.json"
+    png = tmp_path / "plan.png"
+    code, out, err = _run(capsys, "--model", "memo-paper-7b", "--seq-len", "1M", "--micro-batch", "1", "--gpus", "8",
+                          "--sp", "8", "--gpu", "a800", "--host-memory", "2TiB", "--pcie", "25GB/s", *FAST,
+                          "--json", "--out", str(out_path), "--plot", str(png))
+    assert code == 0, err
+    plan = json.loads(out)
+    assert 0.0 <= plan["alpha"] <= 1.0 and plan["fits"] is True
+    pred = plan["predicted"]
+    for key in ("step_time_s", "mfu", "device_peak_bytes", "host_bytes"):
+        assert isinstance(pred[key], (int, float)) and pred[key] > 0
+    assert 0 < pred["mfu"] < 1 and pred["device_peak_bytes"] <= 80 * 2**30
+    assert pred["host_bytes"] <= 2 * 2**40
+    for part in ("forward", "backward"):
+        lay = plan["layer"][part]
+        for key in ("peak_bytes", "lower_bound_bytes", "solve_s", "tensors"):
+            assert key in lay
+        assert lay["lower_bound_bytes"] <= lay["peak_bytes"]
+        allocs = [Alloc(t["id"], t["bytes"], t["start"], t["end"]) for t in lay["tensors"]]
+        validate_layout(allocs, {t["id"]: t["offset"] for t in lay["tensors"]}, lay["peak_bytes"])
+        assert set(lay["tensors"][0]) >= {"id", "bytes", "start", "end", "offset"}
+    assert plan["step"]["lower_bound_bytes"] <= plan["step"]["peak_bytes"]
+    # ZeRO stage not given: the lowest that fits is chosen, and said so.
+    assert plan["zero_stage_chosen"] is True
+    assert all(not t["fits"] for t in plan["stages_tried"][:-1])
+    # The plan file loads and matches the job it was made for.
+    saved = load_plan(str(out_path))
+    check_plan_matches(saved, model=plan["model"], seq_len=1 << 20, micro_batch=1, dtype="bf16", sp=8)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_human_report(capsys):
+    code, out, err = _run(capsys, "--model", "llama3-8b", "--seq-len", "256K", "--gpus", "8", "--gpu", "h100",
+                          "--host-memory", "1TiB", "--zero-stage", "3", "--max-seq-len", *FAST)
+    assert code == 0, err
+    for text in ("memory per GPU", "device peak", "alpha:", "predicted: step", "MFU", "max length:", "fits:      yes",
+                 "layer forward", "stage 3"):
+        assert text in out
+    assert "profiled one llama layer" in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "gpt-9000", "--seq-len", "1M", "--host-memory", "2TiB"], "unknown model preset 'gpt-9000'; known presets: memo-paper-7b"),
+    (["--model", "memo-paper-7b", "--seq-len", "1000001", "--sp", "8", "--host-memory", "2TiB"], "cannot be split by the zigzag layout"),
+    (["--model", "memo-paper-7b", "--seq-len", "lots", "--host-memory", "2TiB"], "cannot read count 'lots'"),
+    (["--model", "memo-paper-7b", "--seq-len", "1M", "--host-memory", "2 tibbles"], "cannot read size"),
+    (["--model", "memo-paper-7b", "--seq-len", "1M", "--host-memory", "2TiB", "--gpu", "v100"], "unknown GPU 'v100'"),
+    (["--model", "memo-paper-7b", "--seq-len", "1M", "--host-memory", "2TiB", "--gpus", "8", "--sp", "3"], "not a multiple of --sp 3"),
+    (["--model", "memo-paper-7b", "--seq-len", "1M", "--host-memory", "2TiB", "--swap-ratio", "1.5"], "outside \\[0, 1\\]"),
+    (["--model", "memo-paper-7b", "--seq-len", "1M", "--host-memory", "2TiB", "--zero-stage", "0",
+      "--offload-optimizer"], "needs ZeRO stage 1, 2 or 3"),
+    (["--model", "memo-paper-7b", "--seq-len", "1M"], "--host-memory required"),
+])
+def test_bad_input_exits_2_with_the_fix(capsys, argv, match):
+    code, out, err = _run(capsys, *argv, *FAST)
+    assert code == 2
+    assert err.startswith("memo.plan: ")
+    assert pytest.importorskip("re").search(match, err), err
+
+
+def test_config_json_missing_fields_exits_2(capsys, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32}))
+    code, out, err = _run(capsys, "--model", str(cfg), "--seq-len", "1M", "--host-memory", "2TiB", *FAST)
+    assert code == 2 and "lacks num_hidden_layers, intermediate_size, vocab_size" in err
+
+
+def test_config_json_path_works(capsys, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 1024, "num_hidden_layers": 4,
+                               "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 2,
+                               "vocab_size": 32000}))
+    code, out, err = _run(capsys, "--model", str(cfg), "--seq-len", "64K", "--gpus", "2", "--host-memory", "256GiB",
+                          "--json", *FAST)
+    assert code == 0, err
+    assert json.loads(out)["model"]["kv_heads"] == 2
+
+
+def test_job_that_does_not_fit_says_the_smallest_change(capsys):
+    code, out, err = _run(capsys, "--model", "llama2-7b", "--seq-len", "1M", "--gpus", "1", "--gpu", "a800",
+                          "--host-memory", "256GiB", "--json", "--no-mip")
+    assert code == 2
+    plan = json.loads(out)
+    assert plan["fits"] is False and plan["reasons"]
+    assert "memo.plan: the job does not fit" in err
+    assert "--gpus 16 --sp 16" in err
+    assert plan["suggestions"]
+    assert plan["max_seq_len"] == 0          # 16 bytes per parameter of a 7B model exceed one 80 GB GPU
+
+
+def test_corrupt_plan_file_exits_2(capsys, tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"memo_plan_version": 1, "model": {"hidden": 40')
+    code, out, err = _run(capsys, "--from-plan", str(bad))
+    assert code == 2 and "not valid JSON" in err and "memo plan" in err
+    code, out, err = _run(capsys, "--from-plan", str(tmp_path / "nope.json"))
+    assert code == 2 and "cannot read plan file" in err
