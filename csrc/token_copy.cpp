@@ -278,6 +278,21 @@ TORCH_LIBRARY(memo, m) {
   m.def("unpack_tokens(Tensor packed, Tensor(a!) dst, int dim, int start) -> ()");
 }
 
+// Meta (and so FakeTensorMode, which the planner's profiler traces under): the checks, no copy.
+void pack_tokens_meta(const at::Tensor& src, int64_t dim, int64_t start, int64_t stop, const at::Tensor& out) {
+  check_token_slice("pack_tokens", src, dim, start, stop, out, "out");
+}
+
+void unpack_tokens_meta(const at::Tensor& packed, const at::Tensor& dst, int64_t dim, int64_t start) {
+  const int64_t n = unpack_token_count(packed, dst, dim);
+  check_token_slice("unpack_tokens", dst, dim, start, start + n, packed, "packed");
+}
+
+TORCH_LIBRARY_IMPL(memo, Meta, m) {
+  m.impl("pack_tokens", &pack_tokens_meta);
+  m.impl("unpack_tokens", &unpack_tokens_meta);
+}
+
 TORCH_LIBRARY_IMPL(memo, CPU, m) {
   m.impl("pack_tokens", &pack_tokens_cpu);
   m.impl("unpack_tokens", &unpack_tokens_cpu);

@@ -191,3 +191,16 @@ def test_both_backends_in_fresh_processes_agree(tmp_path):
     assert results["0"]["active"] is (_ext._module is not None)
     assert torch.equal(results["0"]["out"].view(torch.int16), results["1"]["out"].view(torch.int16))
     assert torch.equal(results["0"]["dst"].view(torch.int16), results["1"]["dst"].view(torch.int16))
+
+
+def test_fake_tensors_are_checked_not_copied(backend):
+    """The planner's profiler traces under FakeTensorMode: the ops run there (Meta kernels)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        src = torch.randn(2, 10, 4)
+        out = torch.empty(24)
+        assert ops.pack_tokens(src, 1, 2, 5, out).shape == (2, 3, 4)
+        ops.unpack_tokens(out, src, 1, 2)
+        with pytest.raises(MemoError, match="24 elements"):
+            ops.pack_tokens(src, 1, 2, 5, torch.empty(25))
