@@ -158,3 +158,20 @@ def test_chunked_loss_on_scaled_heads(family):
     plain_err, memo_err = _max_err(plain, ref64), _max_err(got, ref64)
     for name in ref64:
         assert memo_err[name] <= 2 * plain_err[name], (name, memo_err[name], plain_err[name])
+
+
+def test_csrc_and_pure_torch_swap_paths_agree(monkeypatch):
+    """The swap path packs through memo._C when it is active and through torch otherwise: same bits."""
+    from memo import _ext
+    if _ext.csrc() is None:
+        pytest.skip(f"memo._C is not active: {_ext.status().get('reason')}")
+    model = build("llama")
+    micro = CASES["b2-padded"]()
+    runs = {}
+    for disabled in ("0", "1"):
+        monkeypatch.setenv("MEMO_DISABLE_CSRC", disabled)
+        wrapped = _wrapped(model, 0.37, None)
+        runs[disabled] = run_step(wrapped, micro)[1]
+        assert memo.stats(wrapped).swapped_bytes > 0
+    for name in runs["0"]:
+        assert torch.equal(runs["0"][name], runs["1"][name]), name
