@@ -47,18 +47,20 @@ class GPUProfile:
         return asdict(self)
 
 
-# Peaks, memory and links from REFERENCE.md. Efficiencies: A100/A800 GEMMs ~75% of peak;
-# FlashAttention-2 reaches ~70% (forward) and ~58% (backward) of an A100's peak for causal
-# head_dim 128 at long lengths (FlashAttention-2 paper); on H100 FlashAttention-2 reaches ~35%/30%
-# (FlashAttention-3 roughly doubles that; memo's flash extra is FlashAttention-2), and an 8192^3
-# bf16 GEMM ~798 TFLOP/s (81%). Ring efficiency 0.9: ring-flash-attention's zigzag figure.
+# Peaks, memory and links from REFERENCE.md. Efficiencies are model-FLOP rates / peak:
+# A100/A800 bf16 GEMMs ~75%; FlashAttention-2 forward ~68% for causal head_dim 128 at long
+# lengths; its backward reaches ~63% in the FlashAttention-2 paper's own count, which includes
+# recomputing Q K^T (2.5x the forward's FLOPs instead of the 2x counted as model FLOPs), so ~50% of
+# model FLOPs. On H100 FlashAttention-2 reaches roughly a third of peak (FlashAttention-3 about
+# double; memo's flash extra is FlashAttention-2), and an 8192^3 bf16 GEMM ~798 TFLOP/s (81%).
+# Ring efficiency 0.9: ring-flash-attention's zigzag figure. All overridable (--peak-tflops etc.).
 GPU_PROFILES: dict[str, GPUProfile] = {
-    "a800": GPUProfile("a800", 312.0, 80 * GIB, 25e9, 200e9, 2.0e12, 0.75, 0.70, 0.58,
+    "a800": GPUProfile("a800", 312.0, 80 * GIB, 25e9, 200e9, 2.0e12, 0.75, 0.68, 0.50,
                        notes="A100 variant, NVLink capped at 400 GB/s"),
-    "a100-80g": GPUProfile("a100-80g", 312.0, 80 * GIB, 25e9, 300e9, 2.0e12, 0.75, 0.70, 0.58),
-    "h100": GPUProfile("h100", 989.0, 80 * GIB, 50e9, 450e9, 3.35e12, 0.80, 0.35, 0.30,
+    "a100-80g": GPUProfile("a100-80g", 312.0, 80 * GIB, 25e9, 300e9, 2.0e12, 0.75, 0.68, 0.50),
+    "h100": GPUProfile("h100", 989.0, 80 * GIB, 50e9, 450e9, 3.35e12, 0.80, 0.35, 0.28,
                        notes="attention efficiencies of FlashAttention-2"),
-    "h200": GPUProfile("h200", 989.0, 141 * 10**9, 50e9, 450e9, 4.8e12, 0.80, 0.35, 0.30,
+    "h200": GPUProfile("h200", 989.0, 141 * 10**9, 50e9, 450e9, 4.8e12, 0.80, 0.35, 0.28,
                        notes="attention efficiencies of FlashAttention-2"),
 }
 GPU_ALIASES = {"a100": "a100-80g", "a100-80gb": "a100-80g", "h100-80g": "h100", "h100-sxm": "h100", "h200-141g": "h200"}

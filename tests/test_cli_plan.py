@@ -115,3 +115,9 @@ def test_corrupt_plan_file_exits_2(capsys, tmp_path):
     assert code == 2 and "not valid JSON" in err and "memo plan" in err
     code, out, err = _run(capsys, "--from-plan", str(tmp_path / "nope.json"))
     assert code == 2 and "cannot read plan file" in err
+
+
+def test_unwritable_output_exits_2(capsys, tmp_path):
+    code, out, err = _run(capsys, "--model", "memo-paper-7b", "--seq-len", "64K", "--host-memory", "2TiB", *FAST,
+                          "--out", str(tmp_path / "no" / "such" / "plan.json"))
+    assert code == 2 and "cannot write the plan" in err

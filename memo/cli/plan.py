@@ -186,8 +186,7 @@ def _plan(args) -> int:
     else:
         _report(plan)
     if args.plot:
-        from memo.planner.plot import plot_plan
-        plot_plan(plan, args.plot)
+        _write(args.plot, "plot", lambda: _plot(plan, args.plot))
         progress.say(f"wrote {args.plot}")
     if not plan["fits"]:
         sys.stderr.write(f"memo.plan: the job does not fit: {'; '.join(plan['reasons'])}. Smallest changes that fit: "
@@ -196,7 +195,7 @@ def _plan(args) -> int:
             sys.stderr.write(f"memo.plan: not writing {args.out}: a plan that does not fit would fail at run time\n")
         return 2
     if args.out:
-        write_plan(args.out, plan)
+        _write(args.out, "plan", lambda: write_plan(args.out, plan))
         progress.say(f"wrote {args.out} (use it with memo.MemoConfig(plan={args.out!r}))")
     return 0
 
@@ -212,9 +211,21 @@ def _show_plan(args) -> int:
     else:
         _report(plan)
     if args.plot:
-        from memo.planner.plot import plot_plan
-        plot_plan(plan, args.plot)
+        _write(args.plot, "plot", lambda: _plot(plan, args.plot))
     return 0
+
+
+def _plot(plan: dict, path: str) -> None:
+    from memo.planner.plot import plot_plan
+    plot_plan(plan, path)
+
+
+def _write(path: str, what: str, fn) -> None:
+    try:
+        fn()
+    except OSError as e:
+        raise MemoError(f"memo.plan: cannot write the {what} to {path!r} ({e.strerror}); pass a path in an existing, "
+                        f"writable directory") from e
 
 
 def _suggestions(plan: dict, fits_at, seq_len: int, args, sp: int, host: int) -> list[str]:
