@@ -17,6 +17,8 @@ $(STAMP): $(BUILD_INPUTS)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q numpy ninja pytest matplotlib
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	# pip -q hides setup.py's report of what it built; say it here (see memo.backend_info()).
+	$(PY) -c "import memo, json; print('memo._C:', json.dumps(memo.backend_info()['csrc']))"
 	touch $(STAMP)
 
 demo: setup
