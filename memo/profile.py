@@ -303,6 +303,19 @@ class LayerProfile:
     head: Trace
     loss_chunk: Optional[int]
     profile_s: float
+    swap_ratio: Optional[float] = None
+
+    @property
+    def swapped_bytes(self) -> Optional[int]:
+        """Bytes one layer swaps at ``swap_ratio``: input, attention output, LSE, and that share of the rest."""
+        if self.swap_ratio is None:
+            return None
+        sb = self.saved_bytes
+        return int(sb["layer_input"] + sb["attention_output"] + sb["lse"] + self.swap_ratio * sb["other"])
+
+    @property
+    def recomputed_bytes(self) -> Optional[int]:
+        return None if self.swap_ratio is None else int((1.0 - self.swap_ratio) * self.saved_bytes["other"])
 
     def to_dict(self) -> dict:
         def tr(t: Trace):
@@ -312,7 +325,9 @@ class LayerProfile:
                 "micro_batch": self.micro_batch, "dtype": self.dtype, "sp": self.sp, "saved": self.saved,
                 "saved_bytes": self.saved_bytes, "forward": tr(self.forward), "backward": tr(self.backward),
                 "embedding_forward": tr(self.embedding_forward), "embedding_backward": tr(self.embedding_backward),
-                "head": tr(self.head), "loss_chunk": self.loss_chunk, "profile_s": self.profile_s}
+                "head": tr(self.head), "loss_chunk": self.loss_chunk, "profile_s": self.profile_s,
+                "swap_ratio": self.swap_ratio, "swapped_bytes": self.swapped_bytes,
+                "recomputed_bytes": self.recomputed_bytes}
 
 
 def check_seq_len(seq_len: int, sp: int) -> int:
@@ -356,10 +371,12 @@ def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> list[dict]:
 
 
 def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str = "bf16", sp: int = 1,
-                  loss_chunk: Optional[int] = 4096) -> LayerProfile:
+                  loss_chunk: Optional[int] = 4096, swap_ratio: Optional[float] = None) -> LayerProfile:
     """Profile one decoder layer of ``model`` (a dict from ``load_model``) at ``seq_len / sp``
     tokens per rank, plus the embedding and the LM head + loss (one chunk of ``loss_chunk``
-    tokens at a time; None for the whole sequence at once)."""
+    tokens at a time; None for the whole sequence at once). With ``swap_ratio`` the profile
+    also reports the bytes one layer swaps (input, attention output and LSE in full, that share
+    of the rest) and recomputes; the planner otherwise chooses it (see planner/alpha.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if dtype not in DTYPES:
@@ -368,6 +385,8 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
     local = check_seq_len(seq_len, sp)
     if micro_batch < 1:
         raise MemoError(f"memo.plan: micro batch {micro_batch} must be >= 1")
+    if swap_ratio is not None and not 0.0 <= swap_ratio <= 1.0:
+        raise MemoError(f"memo.plan: swap ratio {swap_ratio} is outside [0, 1]; pass a fraction of tokens to swap")
     cfg = hf_config_from_model(model)
     layer_cls, rope_cls, norm_cls = _layer_classes(cfg)
     t0 = time.perf_counter()
@@ -436,7 +455,7 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
     return LayerProfile(model=identity_of(model), seq_len=seq_len, local_seq_len=local, micro_batch=micro_batch,
                         dtype=_CANONICAL_DTYPE[tdtype], sp=sp, forward=fwd, backward=bwd, saved=saved_info,
                         saved_bytes=saved_bytes, embedding_forward=emb_f, embedding_backward=emb_b, head=head,
-                        loss_chunk=loss_chunk, profile_s=time.perf_counter() - t0)
+                        loss_chunk=loss_chunk, profile_s=time.perf_counter() - t0, swap_ratio=swap_ratio)
 
 
 def _profile_embedding(model: dict, micro_batch: int, local: int) -> tuple[Trace, Trace]:

@@ -15,6 +15,10 @@ NOTE [ Level-2 step timeline ]
      their forward to their backward.
   5. Weights, gradients, device optimizer states, the ZeRO-3 gather buffer and the shared
      tensors (RoPE cos/sin, kept once) live for the whole step.
+  6. Not modelled as its own block: the token-wise recompute that opens a swapped layer's
+     backward. Its outputs are the saved activations already live at step 0 of ``L{i}.bwd``;
+     its transients are forward transients of ``1 - alpha`` of the tokens, smaller than the
+     backward's own transients in every profiled layer, so they do not raise the peak.
 """
 
 from __future__ import annotations
@@ -185,9 +189,13 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     if device_peak > cl.gpu.memory_bytes:
         reasons.append(f"device peak {format_bytes(device_peak)} exceeds the GPU's {format_bytes(cl.gpu.memory_bytes)}")
     if not alpha_d["fits"] or host_node > cl.host_memory:
-        need = (n - keep) * (s_in + s_attn) + states["host"]
-        reasons.append(f"host memory: each rank needs at least {format_bytes(need)} (inputs and attention outputs of "
-                       f"{n - keep} layers{' + offloaded optimizer' if states['host'] else ''}), "
+        if opt.swap_ratio == "auto":
+            need = (n - keep) * (s_in + s_attn) + states["host"]
+            what = f"at least {format_bytes(need)} (inputs and attention outputs of {n - keep} layers"
+        else:
+            need = host_rank
+            what = f"{format_bytes(need)} at the given swap ratio {alpha:.3f} ({n - keep} layers"
+        reasons.append(f"host memory: each rank needs {what}{' + offloaded optimizer' if states['host'] else ''}), "
                        f"{format_bytes(host_per_rank_budget)} available per rank")
     # Which blocks are live at the step of the peak.
     curve = live_bytes_over_time(allocs)

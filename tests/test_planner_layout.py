@@ -117,8 +117,11 @@ def test_time_limit_bounds_the_solve_and_a_valid_plan_exists():
     rng = random.Random(5)
     spec = [(rng.randint(1, 64), s, s + rng.randint(2, 30)) for s in (rng.randint(0, 60) for _ in range(60))]
     a = _allocs(spec, 512)
-    lay = solve_layout(a, time_limit=2.0)
+    calls = []
+    lay = solve_layout(a, time_limit=2.0, progress=lambda elapsed, limit: calls.append((elapsed, limit)))
     assert lay.solve_s < 10.0
+    if lay.greedy_peak > lay.lower_bound:          # the MIP ran: the progress display was fed
+        assert calls and all(limit == 2.0 for _, limit in calls)
     validate_layout(a, lay.offsets, lay.peak)
     assert lay.lower_bound <= lay.peak <= lay.greedy_peak
     if not lay.optimal:

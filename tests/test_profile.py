@@ -144,3 +144,13 @@ def test_seq_len_the_zigzag_layout_cannot_split():
     assert check_seq_len(1 << 20, 8) == 1 << 17
     with pytest.raises(MemoError, match="multiple of 2 x sp = 16.*use 992 or 1008"):
         check_seq_len(1001, 8)
+
+
+def test_swap_ratio_reports_swapped_and_recomputed_bytes():
+    prof = profile_model(SMALL["llama"], seq_len=64, dtype="fp32", swap_ratio=0.25)
+    sb = prof.saved_bytes
+    assert prof.swapped_bytes == int(sb["layer_input"] + sb["attention_output"] + sb["lse"] + 0.25 * sb["other"])
+    assert prof.recomputed_bytes == int(0.75 * sb["other"])
+    assert prof.to_dict()["swapped_bytes"] == prof.swapped_bytes
+    with pytest.raises(MemoError, match="outside \\[0, 1\\]"):
+        profile_model(SMALL["llama"], seq_len=64, swap_ratio=2.0)

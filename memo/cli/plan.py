@@ -161,7 +161,7 @@ def _plan(args) -> int:
                             for p in tried]
 
     def fits_at(s: int, *, gpus: int = args.gpus, sp_: int = sp, host_: int = host,
-                stage=args.zero_stage, offload: bool = args.offload_optimizer) -> bool:
+                stage=args.zero_stage, offload: bool = args.offload_optimizer, swap_=swap) -> bool:
         """Does the job fit with these changes? Greedy layouts; higher ZeRO stages only lower
         device memory, so with no stage given "some stage fits" is "stage 3 fits"."""
         from memo.planner.plan import finish_plan
@@ -169,7 +169,7 @@ def _plan(args) -> int:
                            loss_chunk=args.loss_chunk).to_dict()
         cl = Cluster(gpus=gpus, sp=sp_, gpu=gpu, host_memory=host_, gpus_per_node=args.gpus_per_node,
                      reserve_bytes=reserve)
-        opts = Options(offload_optimizer=offload, swap_ratio=swap, keep_layers=args.keep_layers, use_mip=False)
+        opts = Options(offload_optimizer=offload, swap_ratio=swap_, keep_layers=args.keep_layers, use_mip=False)
         c = PlanContext(pr, cl, opts, solve_level1(pr, use_mip=False))
         return finish_plan(c, 3 if stage is None else stage)["fits"]
 
@@ -179,7 +179,7 @@ def _plan(args) -> int:
         progress.say("searching the largest sequence length that fits (greedy layouts)")
         plan["max_seq_len"] = max_fitting_seq_len(fits_at, start=seq_len, granularity=granularity)
     if not plan["fits"]:
-        plan["suggestions"] = _suggestions(plan, fits_at, seq_len, args, sp, host)
+        plan["suggestions"] = _suggestions(plan, fits_at, seq_len, args, sp, host, swap)
 
     if args.json:
         print(json.dumps(plan, indent=1, sort_keys=True))
@@ -228,15 +228,18 @@ def _write(path: str, what: str, fn) -> None:
                         f"writable directory") from e
 
 
-def _suggestions(plan: dict, fits_at, seq_len: int, args, sp: int, host: int) -> list[str]:
+def _suggestions(plan: dict, fits_at, seq_len: int, args, sp: int, host: int, swap) -> list[str]:
     """The smallest single changes that make the job fit, each checked with ``fits_at``: a ZeRO
-    stage, optimizer offload, more host memory, more GPUs (SP grown with them), a shorter sequence."""
+    stage, optimizer offload, the swap ratio, more host memory, more GPUs (SP grown with them,
+    the data-parallel degree kept), a shorter sequence."""
     out = []
     if args.zero_stage is not None and args.zero_stage < 3 and fits_at(seq_len, stage=None):
         out.append("drop --zero-stage (a higher stage fits)")
     if not args.offload_optimizer and fits_at(seq_len, offload=True,
                                               stage=None if args.zero_stage in (None, 0) else args.zero_stage):
         out.append("--offload-optimizer")
+    if swap != "auto" and any(r.startswith("host") for r in plan["reasons"]) and fits_at(seq_len, swap_="auto"):
+        out.append("--swap-ratio auto (the largest ratio the host memory holds)")
     if any(r.startswith("host") for r in plan["reasons"]):
         mib = 1 << 20
         limit = 64 << 40
