@@ -122,8 +122,11 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", nargs="+", default=["contiguous", "strided", "permuted"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=0, help="0: 21 below 64 MB, 7 from 64 MB, 5 at 1 GB")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(f"memo copy benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, csrc={_ext.status()['active']}", flush=True)
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "dtype": args.dtype}, f, indent=1)
+                       "dtype": args.dtype, "parallel_copy_bytes": os.environ.get("MEMO_PARALLEL_COPY_BYTES", "default")}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -23,13 +23,13 @@ namespace {
 constexpr int64_t kUnitBytes = 1 << 18;      // bytes per unit of work handed to a thread
 
 // Copies smaller than this run on the calling thread. A parallel region ends in a barrier:
-// if one worker's core is busy with another process, the copy waits for the scheduler (a few
-// ms), which only pays off for copies that take longer than that. MEMO_PARALLEL_COPY_BYTES
-// overrides it (0: always parallel).
+// if one worker's core is busy with another process, the copy waits for the scheduler (about
+// 8 ms on the 2-core CI machine, measured with benchmarks/copy.py), which only pays off for
+// copies that take longer than that. MEMO_PARALLEL_COPY_BYTES overrides it (0: always parallel).
 int64_t parallel_min_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("MEMO_PARALLEL_COPY_BYTES");
-    return env != nullptr ? std::atoll(env) : int64_t{16} << 20;
+    return env != nullptr ? std::atoll(env) : int64_t{64} << 20;
   }();
   return bytes;
 }

@@ -109,8 +109,9 @@ def test_llm_layouts(backend, dtype):
 
 @needs_csrc
 def test_large_copy_runs_threaded_and_exact(monkeypatch):
-    """Slices above the streaming-store (8 MiB) and parallel (16 MiB) thresholds: long rows cut
-    into pieces, tiled transposed rows, unaligned rows."""
+    """Slices above the streaming-store threshold (8 MiB), with threads (MEMO_PARALLEL_COPY_BYTES=0
+    in the fresh-process test covers small ones): long rows cut into pieces, tiled transposed
+    rows, unaligned rows."""
     monkeypatch.setenv(_ext.DISABLE_ENV, "0")
     cases = [(torch.randn(3, 4096, 256), 1, 100, 4000),          # 12 MiB, rows of 4 MiB split in pieces
              (torch.randn(3, 4096, 256), 0, 1, 3),
@@ -172,15 +173,23 @@ def test_cpp_op_checks_name_the_argument():
 
 
 def test_both_backends_in_fresh_processes_agree(tmp_path):
-    """MEMO_DISABLE_CSRC read from the environment at start-up: same bytes either way."""
+    """MEMO_DISABLE_CSRC read from the environment at start-up: same bytes either way. The C++
+    run also has MEMO_PARALLEL_COPY_BYTES=0, so every case below runs on all threads (units
+    pulled from the shared counter), including the tiled and the long-row paths."""
     script = (
         "import sys, torch; from memo import ops, _ext\n"
         "g = torch.Generator().manual_seed(3)\n"
-        "src = torch.randn(3, 64, 8, 5, generator=g).to(torch.bfloat16).permute(2, 1, 0, 3)\n"
-        "out = torch.empty(8 * 40 * 3 * 5, dtype=torch.bfloat16)\n"
-        "ops.pack_tokens(src, 1, 10, 50, out)\n"
-        "dst = torch.zeros_like(src); ops.unpack_tokens(out, dst, 1, 10)\n"
-        "torch.save({'out': out, 'dst': dst, 'active': _ext.csrc() is not None}, sys.argv[1])\n")
+        "cases = [(torch.randn(3, 64, 8, 5, generator=g).to(torch.bfloat16).permute(2, 1, 0, 3), 1, 10, 50),\n"
+        "         (torch.randn(2, 700, 16, 64, generator=g).to(torch.float16).transpose(1, 2), 2, 33, 700),\n"
+        "         (torch.randn(2, 900, 1000, generator=g), 1, 1, 899),\n"
+        "         (torch.randn(300, 500, generator=g).t(), 1, 20, 290)]\n"
+        "res = {'active': _ext.csrc() is not None}\n"
+        "for i, (src, dim, a, b) in enumerate(cases):\n"
+        "    out = torch.empty(src.numel() // src.shape[dim] * (b - a), dtype=src.dtype)\n"
+        "    ops.pack_tokens(src, dim, a, b, out)\n"
+        "    dst = torch.zeros_like(src); ops.unpack_tokens(out, dst, dim, a)\n"
+        "    res[i] = (out, dst)\n"
+        "torch.save(res, sys.argv[1])\n")
     results = {}
     for flag in ("0", "1"):
         path = tmp_path / f"r{flag}.pt"
@@ -189,8 +198,9 @@ def test_both_backends_in_fresh_processes_agree(tmp_path):
         results[flag] = torch.load(path)
     assert results["1"]["active"] is False
     assert results["0"]["active"] is (_ext._module is not None)
-    assert torch.equal(results["0"]["out"].view(torch.int16), results["1"]["out"].view(torch.int16))
-    assert torch.equal(results["0"]["dst"].view(torch.int16), results["1"]["dst"].view(torch.int16))
+    for i in range(4):
+        for a, b in zip(results["0"][i], results["1"][i]):
+            assert _same_bits(a, b), i
 
 
 def test_fake_tensors_are_checked_not_copied(backend):
