@@ -355,8 +355,9 @@ def _run_layer(layer, x, shared):
     return out[0] if isinstance(out, tuple) else out
 
 
-def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> list[dict]:
-    """Run ``layer`` (real or fake tensors) and list what autograd saves: shape, dtype, storage bytes.
+def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> tuple[list[dict], torch.Tensor]:
+    """Run ``layer`` on ``x: (batch, tokens, hidden)`` (real or fake tensors); return what
+    autograd saves, in order (shape, dtype, storage bytes, storage key), and the layer output.
     Used by the profiler and by tests that compare it with a real run."""
     saved = []
 

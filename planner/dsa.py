@@ -78,7 +78,8 @@ def solve_layout(
         g_peak = total
     if (g_peak <= lb and warm_start) or not use_mip:
         return Layout(allocs, offsets, g_peak, lb, "greedy" if allocs else "trivial", time.perf_counter() - t0,
-                      g_peak, optimal=g_peak <= lb, status=f"greedy ({g_name})" + (", equals the lower bound"
+                      g_peak, optimal=g_peak <= lb, mip_gap=0.0 if g_peak <= lb else None,
+                      mip_bound=lb if g_peak <= lb else None, status=f"greedy ({g_name})" + (", equals the lower bound"
                                                                                     if g_peak <= lb else ""))
 
     import mip  # python-mip: imported here so that torch-free callers that only validate stay light

@@ -13,6 +13,12 @@ The runtime calls these from ``memo.wrap`` when ``MemoConfig(plan="plan.json")``
     forward_offsets = {t["id"]: t["offset"] for t in plan["layer"]["forward"]["tensors"]}
 
 ``model_identity`` is ``memo.profile.model_identity`` (a dict of the shape-defining numbers).
+
+Layer tensors are listed in allocation order: ``f{k}`` / ``b{k}`` is the k-th storage the
+layer's forward / backward allocates (``b`` ids first list the saved activations live when the
+backward starts), with sizes rounded up to 512 bytes; parameter gradients are model states and
+are left out, so some k are skipped. An allocator replaying the layer's requests in order can
+take ``offset`` for the k-th request.
 """
 
 from __future__ import annotations
