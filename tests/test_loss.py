@@ -95,7 +95,7 @@ def _tiny_llama(tie):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=tie)
+                      tie_word_embeddings=tie, use_cache=False)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -296,3 +296,39 @@ def test_bad_input_raises_memo_error(kwargs, fragment):
     assert msg.startswith("memo.loss: ") and fragment in msg
     # Every message ends with what to do about it.
     assert any(w in msg.split(";")[-1] for w in ("pass", "use", "cast", "must be")), msg
+
+
+@pytest.mark.parametrize("chunk", [None, 13])
+def test_memo_wrap_uses_the_chunked_loss_or_leaves_the_models_own(chunk):
+    """memo.wrap(..., MemoConfig(loss_chunk_size=...)): chunked loss within the tolerance above;
+    loss_chunk_size=None leaves the model's own head and loss (logits returned, same bits)."""
+    import memo
+    model = _tiny_llama(tie=False)
+    gen = torch.Generator().manual_seed(9)
+    input_ids = torch.randint(0, VOCAB, (2, 40), generator=gen)
+    labels = _labels(2, 40, gen=gen)
+    plain = _model_grads(model, input_ids, labels, None)
+
+    memo.wrap(model, memo.MemoConfig(swap_ratio=1.0, loss_chunk_size=chunk, host_memory_budget="1GiB"))
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids, labels=labels)
+        out.loss.backward()
+        got = (out.loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()})
+    finally:
+        memo.unwrap(model)
+    if chunk is None:
+        assert out.logits is not None and out.logits.shape == (2, 40, VOCAB)
+        assert got[0].item() == plain[0].item()
+        for name in plain[1]:
+            assert torch.equal(got[1][name], plain[1][name]), name
+        return
+    assert out.logits is None                       # (batch x seq x vocab) logits never existed
+    model64 = _tiny_llama(False).double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ref_loss = _ref64(model64.model(input_ids).last_hidden_state, model64.lm_head.weight, labels)
+    ref_loss.backward()
+    _assert_within_twice_plain(got[0], plain[0], ref_loss.detach(), "loss")
+    for name, p in model64.named_parameters():
+        ulp = torch.finfo(torch.float32).eps * p.grad.abs().max().item()   # as in the end-to-end test
+        _assert_within_twice_plain(got[1][name], plain[1][name], p.grad, name, floor=ulp)
