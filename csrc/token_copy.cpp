@@ -148,12 +148,17 @@ void copy_rows(uint8_t* strided, uint8_t* packed, const SliceLayout& l, int64_t 
       const int64_t o = u / tiles, t0 = (u % tiles) * tile, t1 = std::min(t_size, t0 + tile);
       const int64_t base_row = o * a * t_size;  // row of (o, 0, 0) in packed order
       const int64_t base_off = row_offset(l, base_row, idx);
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t i = 0; i < a; ++i) {
-          const int64_t off = base_off + i * l.strides[n - 3] + t * l.strides[n - 2];
-          copy_bytes<kPack, kStream>(strided + off * esize, packed + (base_row + i * t_size + t) * row_bytes,
-                                     row_bytes);
-        }
+      // Read the source side in address order; writes (streaming above 8 MiB) need no prefetch.
+      auto row = [&](int64_t i, int64_t t) {
+        const int64_t off = base_off + i * l.strides[n - 3] + t * l.strides[n - 2];
+        copy_bytes<kPack, kStream>(strided + off * esize, packed + (base_row + i * t_size + t) * row_bytes, row_bytes);
+      };
+      if (kPack) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t i = 0; i < a; ++i) row(i, t);
+      } else {
+        for (int64_t i = 0; i < a; ++i)
+          for (int64_t t = t0; t < t1; ++t) row(i, t);
       }
       if (kStream) stream_fence();
     });
