@@ -32,7 +32,7 @@ import torch
 from memo.errors import MemoError
 from memo.swap.record import RecordState, SwapRecord, geometry, make_record, view_index
 from memo.trace import AttentionKernelMode, Classifier, KERNEL_TOKEN_DIM, LayerCall, LayerTrace, SavedClass, \
-    storage_key
+    autocast_like, autocast_state, storage_key
 
 if TYPE_CHECKING:
     from memo.runtime import MemoRuntime
@@ -75,7 +75,10 @@ class LayerState:
         self.layer_forward = layer_forward
         self.call = call
         self.trace = trace
-        self.alpha = alpha
+        # NOTE [ Which tokens are recomputed ] rule 4: random layers recompute nothing.
+        self.alpha = 1.0 if trace.random_ops else alpha
+        # Recomputation runs inside backward, where autocast is off: re-enter the forward's.
+        self.autocast = autocast_state(call.hidden_states.device.type)
         self.phase = LayerPhase.FORWARD
         self.kernel_mode = AttentionKernelMode()
         self.classify = Classifier(layer, call, self.kernel_mode)
@@ -88,6 +91,7 @@ class LayerState:
         self.d2h_event = None
         self.h2d_event = None
         self.prefetched = False
+        self.restore_waited = False
         self.forward_s = 0.0
         self.recompute_s = 0.0
         self.unpacked = 0
@@ -191,6 +195,7 @@ class LayerState:
         if not self.prefetched:
             engine.prefetch(self)
         engine.wait_restored(self)
+        self.restore_waited = True
         start = time.perf_counter()
         token_records = [r for r in self.records.values() if r.mode == "tokens" and r.split > 0]
         if token_records:
@@ -228,8 +233,8 @@ class LayerState:
             captured.append(t.detach())
             return captured[-1]
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t), \
-                AttentionKernelMode(replay=replay):
+        with torch.enable_grad(), autocast_like(self.autocast), \
+                torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t), AttentionKernelMode(replay=replay):
             self.layer_forward(hidden, *self.call.args, **kwargs)
         if len(captured) != len(self.trace.saved):
             raise AssertionError(f"memo.executor: recomputing layer {self.index} saved {len(captured)} tensors, "
@@ -251,6 +256,10 @@ class LayerState:
         # NOTE [ Layer state machine ] rule 5: the graph is gone; give the host blocks back.
         if getattr(self, "d2h_event", None) is not None:
             self.release_sources()
+        if getattr(self, "prefetched", False) and not self.restore_waited:
+            # prefetched but never used (backward stopped early): the H2D copy may still be writing
+            # into buffers the allocator would hand to the compute stream (NOTE [ Swap stream ordering ] 3)
+            self.runtime.engine.streams.compute.wait_event(self.h2d_event)
         for rec in getattr(self, "records", {}).values():
             rec.free_host()
 
@@ -268,6 +277,8 @@ def plan_layer_records(trace: LayerTrace, alpha: float, device: torch.device,
     for group, geoms in trace.kernel_views.items():
         if group in groups:
             groups[group].extend(geoms)
+    if trace.random_ops:
+        alpha = 1.0   # NOTE [ Which tokens are recomputed ] rule 4
     records = []
     has_input = any(c is SavedClass.INPUT for c in classes.values())
     for group, geoms in groups.items():

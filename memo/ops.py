@@ -71,7 +71,8 @@ def pack_tokens(src: torch.Tensor, dim: int, start: int, stop: int, out: torch.T
     if native is not None:
         native.pack_tokens(src, dim, start, stop, out)
     else:
-        view.copy_(src.narrow(dim, start, stop - start))
+        # asynchronous between device and (pinned) host: the swap engine orders it with events
+        view.copy_(src.narrow(dim, start, stop - start), non_blocking=src.device != out.device)
     return view
 
 
@@ -92,4 +93,4 @@ def unpack_tokens(packed: torch.Tensor, dst: torch.Tensor, dim: int, start: int)
         native.unpack_tokens(packed, dst, dim, start)
     else:
         target = dst.narrow(dim, start, n)
-        target.copy_(packed.view(target.shape))
+        target.copy_(packed.view(target.shape), non_blocking=packed.device != dst.device)

@@ -231,6 +231,8 @@ class MemoRuntime:
                 f"but host_memory_budget is {format_bytes(budget)}; set host_memory_budget='{_ceil_gib(need)}GiB' "
                 f"or lower swap_ratio (0.0 needs {format_bytes(need_min)})")
         if self.pool is None or self.pool.capacity < need or self.pool.pin != (device.type != "cpu"):
+            if self.engine is not None:
+                self.engine.streams.synchronize()   # no copy may still touch the old pool
             if self.pool is not None and self.pool.used_bytes:
                 raise MemoError(
                     f"memo.swap: the sequence grew while {format_bytes(self.pool.used_bytes)} of swapped activations "
@@ -298,6 +300,8 @@ class MemoRuntime:
                          step={k: v for k, v in self.step_times.items() if k != "forward_start"})
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.streams.synchronize()   # no copy may still touch the pool
         if self.pool is not None and self.pool.used_bytes == 0:
             self.pool.close()
 

@@ -30,6 +30,7 @@ a shorter prefix of it, and the dimensions whose size changed are the token dime
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -205,9 +206,12 @@ class AttentionKernelMode(TorchDispatchMode):
         self.replay = replay
         self.output_keys: set[int] = set()
         self.outputs: list[tuple] = []
+        self.random_ops: set[str] = set()   # seeded random ops outside attention (dropout)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags and func not in ATTENTION_KERNELS:
+            self.random_ops.add(str(func))
         if func in ATTENTION_KERNELS:
             if self.replay is not None:
                 out = self.replay(len(self.outputs), func, args)
@@ -293,6 +297,29 @@ class LayerTrace:
     seq: int
     hidden_shape: tuple
     hidden_dtype: torch.dtype
+    # Random ops (dropout) outside attention: a recomputed prefix would draw other random numbers,
+    # so such a layer swaps every token (NOTE [ Which tokens are recomputed ] rule 4).
+    random_ops: tuple = ()
+
+
+def autocast_state(device_type: str) -> list[tuple]:
+    """(device type, enabled, dtype, cache) of autocast for ``device_type`` and the CPU, now."""
+    types = dict.fromkeys([device_type, "cpu"])
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), torch.is_autocast_cache_enabled())
+            for d in types]
+
+
+def autocast_like(state: list[tuple], cache: Optional[bool] = None) -> contextlib.ExitStack:
+    """Re-enter the autocast of ``state`` (recomputation runs in backward, where autocast is off).
+
+    ``cache=False`` for fake-tensor traces: autocast caches the casts of parameters, and a cast made
+    under FakeTensorMode must not be handed to the real forward.
+    """
+    stack = contextlib.ExitStack()
+    for device_type, enabled, dtype, cache_enabled in state:
+        stack.enter_context(torch.autocast(device_type=device_type, enabled=enabled, dtype=dtype,
+                                           cache_enabled=cache_enabled if cache is None else cache))
+    return stack
 
 
 def trace_layer(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall) -> LayerTrace:
@@ -307,7 +334,8 @@ def trace_layer(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall
     if call.seq < 2:
         raise MemoError(f"memo.trace: sequence length {call.seq} is too short to swap token-wise; use >= 2 tokens")
     short_seq = call.seq - 1
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with autocast_like(autocast_state(call.hidden_states.device.type), cache=False), \
+            FakeTensorMode(allow_non_fake_inputs=True) as mode:
         # Fake copies of the parameters stay alive for the whole trace, so the converter's memo
         # hands the same fake tensor to every op and storage keys are not reused.
         fakes = {id(t): mode.from_tensor(t) for t in list(layer.parameters()) + list(layer.buffers())}
@@ -351,4 +379,4 @@ def trace_layer(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall
         if key in first_of:
             kernel_views[first_of[key]] = geoms
     return LayerTrace(infos, kernel_views, call.batch, call.seq, tuple(call.hidden_states.shape),
-                      call.hidden_states.dtype)
+                      call.hidden_states.dtype, tuple(sorted(kernel_full.random_ops)))

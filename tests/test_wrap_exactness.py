@@ -175,3 +175,39 @@ def test_csrc_and_pure_torch_swap_paths_agree(monkeypatch):
         assert memo.stats(wrapped).swapped_bytes > 0
     for name in runs["0"]:
         assert torch.equal(runs["0"][name], runs["1"][name]), name
+
+
+def test_dropout_layers_recompute_nothing_and_stay_exact():
+    """Phi3 drops out its residual branches: a recomputed prefix would draw other masks, so such
+    layers swap every token (NOTE [ Which tokens are recomputed ] rule 4)."""
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, pad_token_id=0, resid_pdrop=0.3, use_cache=False, attn_implementation="sdpa")).train()
+    micro = [batch(2, 40)]
+    torch.manual_seed(5)
+    _, plain = run_step(twin(model), micro)
+    wrapped = _wrapped(model, 0.37, None)
+    torch.manual_seed(5)
+    _, got = run_step(wrapped, micro)
+    assert memo.stats(wrapped).recomputed_bytes == 0 and memo.stats(wrapped).swapped_bytes > 0
+    for name in plain:
+        assert torch.equal(plain[name], got[name]), name
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.37])
+def test_autocast_bf16(ratio):
+    """Recomputation runs inside backward, where autocast is off; memo re-enters the forward's."""
+    model = build("llama")
+    micro = CASES["b2-padded"]()
+    _, ref64 = run_step(twin(model, torch.float64), micro)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, plain = run_step(twin(model), micro)
+        wrapped = _wrapped(model, ratio, None)
+        _, got = run_step(wrapped, micro)
+    plain_err, memo_err = _max_err(plain, ref64), _max_err(got, ref64)
+    for name in ref64:
+        if ratio == 1.0:
+            assert torch.equal(plain[name], got[name]), name
+        assert memo_err[name] <= 2 * plain_err[name], (name, memo_err[name], plain_err[name])

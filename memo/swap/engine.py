@@ -61,13 +61,18 @@ class SwapEngine:
             s.d2h.wait_event(forward_done)
             if self.last_h2d_event is not None:
                 s.d2h.wait_event(self.last_h2d_event)
-            for rec in state.records.values():
-                rec.copy_out(self.pool)
-            state.d2h_event = s.event(s.d2h)
+            try:
+                for rec in state.records.values():
+                    rec.copy_out(self.pool)
+            finally:   # even if the pool ran out: the slot's release breaks the state's cycle
+                state.d2h_event = s.event(s.d2h)
+                self._occupy(state)
+        self.swap_out_s += time.perf_counter() - start
+
+    def _occupy(self, state: "LayerState") -> None:
         parity = state.index % 2
         self._release(parity)
         self.slots[parity] = weakref.ref(state)
-        self.swap_out_s += time.perf_counter() - start
 
     def drain(self) -> None:
         """End of the forward pass: release both slots (NOTE rule 2)."""

@@ -12,6 +12,8 @@
 # 3. Restored tensors keep the original strides, so kernels that depend on layout (GEMMs on
 #    transposed operands) see the same layout and produce the same bits when nothing is
 #    recomputed (alpha = 1).
+# 4. A layer that draws random numbers outside attention (dropout) recomputes nothing: the
+#    prefix would get other random numbers than the forward used. Its alpha is 1.
 """
 
 from __future__ import annotations

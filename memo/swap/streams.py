@@ -4,9 +4,14 @@
 have ``Stream``, ``Event``, ``current_stream`` and ``stream(...)``, and on the CPU they are no-ops
 that run the same control flow. (The generic ``torch.Stream``/``torch.Event`` raise "cpu backend
 doesn't support events" when an event is recorded, so they cannot serve the CPU path.)
+
+On an accelerator every stream belongs to the model's device, not to whichever device is current:
+a model on ``cuda:1`` gets its copy streams on ``cuda:1``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -17,15 +22,14 @@ class Streams:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.module = torch.get_device_module(device.type)
-        self.d2h = self.module.Stream()
-        self.h2d = self.module.Stream()
-        # Copies can run asynchronously only where there is an accelerator with pinned host memory.
-        self.asynchronous = device.type != "cpu"
+        self.on_accelerator = device.type != "cpu"   # torch.cpu's streams take no device argument
+        self.d2h = self.module.Stream(device) if self.on_accelerator else self.module.Stream()
+        self.h2d = self.module.Stream(device) if self.on_accelerator else self.module.Stream()
 
     @property
     def compute(self):
-        """The stream the model computes on: whatever is current when memo needs it."""
-        return self.module.current_stream()
+        """The stream the model computes on: whatever is current on the model's device now."""
+        return self.module.current_stream(self.device) if self.on_accelerator else self.module.current_stream()
 
     def event(self, stream) -> object:
         """An event recorded on ``stream`` now."""
@@ -33,6 +37,18 @@ class Streams:
         ev.record(stream)
         return ev
 
+    @contextlib.contextmanager
     def use(self, stream):
-        """Context manager making ``stream`` current."""
-        return self.module.stream(stream)
+        """Make ``stream`` current (and its device, on an accelerator)."""
+        with contextlib.ExitStack() as stack:
+            if self.on_accelerator:
+                stack.enter_context(self.module.device(self.device))
+            stack.enter_context(self.module.stream(stream))
+            yield stream
+
+    def synchronize(self) -> None:
+        """Wait (on the host) until the device is idle, copy streams included: before host memory is unmapped."""
+        if self.on_accelerator:
+            self.module.synchronize(self.device)
+        else:
+            self.module.synchronize()
