@@ -50,11 +50,17 @@ def _check(op: str, strided: torch.Tensor, dim: int, start: int, stop: int, pack
     return dim
 
 
+def _cpp_message(e: RuntimeError) -> str:
+    """A C++ check's message (csrc/checks.h: "memo.ops: <op>: argument '<arg>' ..."), plus the fix."""
+    first = str(e).splitlines()[0] if str(e) else repr(e)
+    return f"{first}; pass arguments as documented in memo/ops.py (shapes beside each op)"
+
+
 def _native(*tensors: torch.Tensor):
     """``torch.ops.memo`` when the extension is active and has a kernel for these devices."""
     if _ext.csrc() is None:
         return None
-    if all(t.device.type == "cpu" for t in tensors) or (_ext.cuda_part() and any(t.is_cuda for t in tensors)):
+    if all(t.is_cpu for t in tensors) or (_ext.cuda_part() and any(t.is_cuda for t in tensors)):
         return torch.ops.memo
     return None
 
@@ -65,14 +71,18 @@ def pack_tokens(src: torch.Tensor, dim: int, start: int, stop: int, out: torch.T
     src: any shape and strides; dim: the token dimension; out: contiguous, same dtype, exactly
     as many elements as the slice (any shape). Returns ``out`` viewed with the slice's shape.
     """
-    dim = _check("pack_tokens", src, dim, start, stop, out, "out")
-    view = out.view(token_slice_shape(src, dim, start, stop))
     native = _native(src, out)
     if native is not None:
-        native.pack_tokens(src, dim, start, stop, out)
-    else:
-        # asynchronous between device and (pinned) host: the swap engine orders it with events
-        view.copy_(src.narrow(dim, start, stop - start), non_blocking=src.device != out.device)
+        # The C++ op checks its arguments itself; on failure, say it in memo's words.
+        try:
+            native.pack_tokens(src, dim, start, stop, out)
+        except RuntimeError as e:
+            _check("pack_tokens", src, dim, start, stop, out, "out")
+            raise MemoError(_cpp_message(e)) from e
+        return out.view(token_slice_shape(src, dim, start, stop))
+    dim = _check("pack_tokens", src, dim, start, stop, out, "out")
+    view = out.view(token_slice_shape(src, dim, start, stop))
+    view.copy_(src.narrow(dim, start, stop - start))
     return view
 
 
@@ -82,15 +92,25 @@ def unpack_tokens(packed: torch.Tensor, dst: torch.Tensor, dim: int, start: int)
     packed: contiguous, ``n`` tokens' worth of elements (n = packed.numel() / elements of dst per
     token); dst: any shape and strides, token dimension ``dim``.
     """
+    native = _native(packed, dst)
+    if native is not None:
+        try:
+            native.unpack_tokens(packed, dst, dim, start)
+            return
+        except RuntimeError as e:
+            _check_unpack(packed, dst, dim, start)
+            raise MemoError(_cpp_message(e)) from e
+    dim, n = _check_unpack(packed, dst, dim, start)
+    target = dst.narrow(dim, start, n)
+    target.copy_(packed.view(target.shape))
+
+
+def _check_unpack(packed: torch.Tensor, dst: torch.Tensor, dim: int, start: int) -> tuple[int, int]:
+    """Validates unpack_tokens' arguments; returns (non-negative dim, tokens in packed)."""
     if not -dst.dim() <= dim < dst.dim():
         raise MemoError(f"memo.ops: unpack_tokens: dim {dim} is out of range for dst of shape "
                         f"{tuple(dst.shape)}; pass the token dimension")
     dim %= dst.dim()
     n = _tokens_in(packed, dst, dim)
     _check("unpack_tokens", dst, dim, start, start + n, packed, "packed")
-    native = _native(packed, dst)
-    if native is not None:
-        native.unpack_tokens(packed, dst, dim, start)
-    else:
-        target = dst.narrow(dim, start, n)
-        target.copy_(packed.view(target.shape), non_blocking=packed.device != dst.device)
+    return dim, n
