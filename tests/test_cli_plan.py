@@ -43,6 +43,7 @@ def test_json_schema_for_the_paper_7b_at_1m(capsys, tmp_path):
     # ZeRO stage not given: the lowest that fits is chosen, and said so.
     assert plan["zero_stage_chosen"] is True
     assert all(not t["fits"] for t in plan["stages_tried"][:-1])
+    assert f"--zero-stage not given: chose ZeRO stage {plan['zero_stage']}, the lowest that fits" in err
     # The plan file loads and matches the job it was made for.
     saved = load_plan(str(out_path))
     check_plan_matches(saved, model=plan["model"], seq_len=1 << 20, micro_batch=1, dtype="bf16", sp=8)

@@ -159,6 +159,12 @@ def _plan(args) -> int:
     plan["stages_tried"] = [{"zero_stage": p["zero_stage"], "fits": p["fits"],
                              "device_peak_bytes": p["predicted"]["device_peak_bytes"], "reasons": p["reasons"]}
                             for p in tried]
+    if args.zero_stage is None:
+        before = "; ".join(f"stage {p['zero_stage']} needs {format_bytes(p['predicted']['device_peak_bytes'])}"
+                           for p in tried[:-1])
+        progress.say("--zero-stage not given: " + (f"chose ZeRO stage {plan['zero_stage']}, the lowest that fits"
+                                                    if plan["fits"] else "no ZeRO stage fits")
+                     + (f" ({before} per GPU)" if before else ""))
 
     def fits_at(s: int, *, gpus: int = args.gpus, sp_: int = sp, host_: int = host,
                 stage=args.zero_stage, offload: bool = args.offload_optimizer, swap_=swap) -> bool:
@@ -308,5 +314,6 @@ def _report(plan: dict) -> None:
           f"backward {t['layer_backward_s']:.2f} s, recompute {t['layer_recompute_s']:.2f} s; copy "
           f"{t['copy_out_s']:.2f} s each way ({exposed})")
     if plan.get("max_seq_len") is not None:
-        print(f"max length: {plan['max_seq_len']:,} tokens fit on this cluster (greedy layouts, same options)")
+        stage = "the same ZeRO stage" if not plan.get("zero_stage_chosen") else "any ZeRO stage"
+        print(f"max length: {plan['max_seq_len']:,} tokens fit on this cluster (greedy layouts, {stage}, same options)")
     print(f"fits:      {'yes' if plan['fits'] else 'NO: ' + '; '.join(plan['reasons'])}")
