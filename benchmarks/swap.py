@@ -14,7 +14,8 @@ Trains one small Llama (built from a config, fixed seeds, synthetic token ids) u
 
 For each method and sequence length: one warm-up step, then the median of ``--steps`` timed steps
 (forward, backward, SGD update) and its ratio to ``none`` at the same length, measured in the same
-run. Then one more, untimed step measures residency with memo.memtrack (independent of memo's
+run. Timed steps are interleaved across methods (see ``run_seq_len``). Then one more, untimed
+forward and backward measures residency with memo.memtrack (independent of memo's
 own counters; see NOTE [ What memtrack counts ] in memo/memtrack.py):
 
 NOTE [ Resident and host bytes in this benchmark ]
@@ -146,39 +147,74 @@ def train_step(model, opt, ids, ctx) -> torch.Tensor:
     return loss.detach()
 
 
-def run_method(method: Method, seq_len: int, args) -> dict:
-    model = build_model(args, seq_len)
-    method.prepare(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, args.vocab, (args.batch, seq_len), generator=torch.Generator().manual_seed(args.seed + 1))
+class Run:
+    """One method's model, optimizer and timings at one sequence length."""
 
-    first_loss = train_step(model, opt, ids, method.forward_context(None)).item()   # warm-up
-    times = []
-    for i in range(args.steps):
+    def __init__(self, method: Method, seq_len: int, args) -> None:
+        self.method, self.seq_len = method, seq_len
+        self.model = build_model(args, seq_len)
+        method.prepare(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.ids = torch.randint(0, args.vocab, (args.batch, seq_len),
+                                 generator=torch.Generator().manual_seed(args.seed + 1))
+        self.times: list[float] = []
+        self.first_loss = self.step()          # warm-up: memo traces its layers and sizes its pool here
+
+    def step(self) -> float:
+        return train_step(self.model, self.opt, self.ids, self.method.forward_context(None)).item()
+
+    def timed_step(self) -> None:
         gc.collect()
         start = time.perf_counter()
-        train_step(model, opt, ids, method.forward_context(None))
-        times.append(time.perf_counter() - start)
-        log(f"  {method.name} seq {seq_len}: step {i + 1}/{args.steps} {times[-1]:.2f} s")
+        self.step()
+        self.times.append(time.perf_counter() - start)
 
-    # Residency: one more, untimed forward under the tracker (NOTE [ Resident and host bytes ... ]).
-    opt.zero_grad(set_to_none=True)
-    gc.collect()
-    with track_storages() as tracker:
-        with method.forward_context(tracker):
-            loss = model(ids, labels=ids).loss
-    resident = tracker.alive_bytes(exclude_tags=[HOST_TAG])
-    host, reserved, reported = method.host_bytes(model, tracker)
-    loss.backward()
-    del loss
-    leftover = tracker.alive_bytes()
-    assert leftover <= 64, f"{method.name}: {leftover} B of forward storages outlived the backward\n{tracker.summary()}"
-    if method.ratio is not None:
-        memo.unwrap(model)
-    return {"method": method.name, "seq_len": seq_len, "step_s": statistics.median(times), "ratio": None,
-            "resident_bytes": resident, "host_bytes": host, "host_reserved_bytes": reserved,
-            "memo_reported_resident_bytes": reported, "steps": args.steps, "step_times_s": times,
-            "first_loss": first_loss}
+    def measure(self) -> dict:
+        """One more, untimed forward under the tracker (NOTE [ Resident and host bytes ... ])."""
+        method, model = self.method, self.model
+        self.opt.zero_grad(set_to_none=True)
+        gc.collect()
+        with track_storages() as tracker:
+            with method.forward_context(tracker):
+                loss = model(self.ids, labels=self.ids).loss
+        resident = tracker.alive_bytes(exclude_tags=[HOST_TAG])
+        host, reserved, reported = method.host_bytes(model, tracker)
+        loss.backward()
+        del loss
+        leftover = tracker.alive_bytes()
+        assert leftover <= 64, f"{method.name}: {leftover} B of forward storages outlived the backward\n" \
+                               f"{tracker.summary()}"
+        if method.ratio is not None:
+            memo.unwrap(model)
+        return {"method": method.name, "seq_len": self.seq_len, "step_s": statistics.median(self.times),
+                "ratio": None, "resident_bytes": resident, "host_bytes": host, "host_reserved_bytes": reserved,
+                "memo_reported_resident_bytes": reported, "steps": len(self.times), "step_times_s": self.times,
+                "first_loss": self.first_loss}
+
+
+def run_seq_len(names: list[str], seq_len: int, args) -> list[dict]:
+    """All methods at one length. Timed steps are interleaved -- round r runs one step of every
+    method, starting one method later each round -- so that a slow spell of a shared machine
+    lands on all methods alike instead of on whichever ran during it."""
+    runs = []
+    for name in names:
+        log(f"{name} seq {seq_len}: build + warm-up ...")
+        runs.append(Run(Method(name), seq_len, args))
+    for r in range(args.steps):
+        for k in range(len(runs)):
+            run = runs[(k + r) % len(runs)]
+            run.timed_step()
+            log(f"  {run.method.name} seq {seq_len}: step {r + 1}/{args.steps} {run.times[-1]:.2f} s")
+    rows = []
+    for run in runs:
+        row = run.measure()
+        log(f"  {row['method']} seq {seq_len}: median {row['step_s']:.3f} s/step, resident "
+            f"{fmt_bytes(row['resident_bytes'])}, host {fmt_bytes(row['host_bytes'])}")
+        rows.append(row)
+    base = next(row["step_s"] for row in rows if row["method"] == "none")
+    for row in rows:
+        row["ratio"] = row["step_s"] / base
+    return rows
 
 
 def fmt_bytes(n: Optional[int]) -> str:
@@ -190,7 +226,7 @@ def fmt_bytes(n: Optional[int]) -> str:
 def print_table(results: list[dict], args) -> None:
     print(f"memo swap benchmark: Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
           f"batch {args.batch}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.machine()}; median of {args.steps} steps after 1 warm-up")
+          f"{platform.machine()}; median of {args.steps} interleaved steps after 1 warm-up")
     print(f"{'method':<22} {'seq':>6} {'step s':>8} {'ratio':>6} {'resident':>12} {'host':>12} {'loss':>8}")
     for r in results:
         print(f"{r['method']:<22} {r['seq_len']:>6} {r['step_s']:>8.3f} {r['ratio']:>6.2f} "
@@ -232,24 +268,16 @@ def main(argv=None) -> int:
 
     results = []
     for seq_len in args.seq_lens:
-        base = None
-        for name in names:
-            log(f"{name} seq {seq_len} ...")
-            row = run_method(Method(name), seq_len, args)
-            if name == "none":
-                base = row["step_s"]
-            row["ratio"] = row["step_s"] / base
-            results.append(row)
-            log(f"  {name}: {row['step_s']:.3f} s/step, resident {fmt_bytes(row['resident_bytes'])}, "
-                f"host {fmt_bytes(row['host_bytes'])}")
-            gc.collect()
+        results += run_seq_len(names, seq_len, args)
+        gc.collect()
 
     print_table(results, args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         meta = {"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab, "batch": args.batch,
                 "dtype": "float32", "steps": args.steps, "warmup_steps": 1, "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "machine": platform.machine(), "memo_rows": memo_available()}
+                "torch": torch.__version__, "machine": platform.machine(), "memo_rows": memo_available(),
+                "timing": "interleaved rounds, one step of each method per round"}
         with open(args.json, "w") as f:
             json.dump({"results": results, "meta": meta}, f, indent=1)
         log(f"wrote {args.json}")

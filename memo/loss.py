@@ -80,7 +80,8 @@ def chunked_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
 
     hidden: (tokens, hidden); weight: (vocab, hidden); bias: (vocab,) or None;
     targets: (tokens,) int64, already shifted (``ignore_index`` where no loss is taken).
-    Returns ``(loss_sum, lse)``: loss_sum a fp32 scalar, lse (tokens,) fp32 -- the aux that
+    Returns ``(loss_sum, lse)``: loss_sum a fp32 scalar, lse (tokens,) fp32 (both fp64 for fp64
+    inputs, see :func:`_acc_dtype`) -- the aux that
     :func:`chunked_loss_backward` needs (see NOTE [ Chunked loss: recompute logits in backward ]).
     """
     n = hidden.shape[0]
@@ -109,7 +110,7 @@ def chunked_loss_backward(grad_loss_sum: Tensor, hidden: Tensor, weight: Tensor,
                           ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of ``loss_sum`` w.r.t. (hidden, weight, bias), chunk by chunk.
 
-    grad_loss_sum: fp32 scalar (the incoming gradient); other arguments as in
+    grad_loss_sum: scalar (the incoming gradient); other arguments as in
     :func:`chunked_loss_forward`, lse its aux. ``needs_grad`` says which of the three to compute.
     Returns (grad_hidden (tokens, hidden) in hidden's dtype, grad_weight (vocab, hidden) in
     weight's dtype -- accumulated over chunks in fp32 --, grad_bias (vocab,) or None).
@@ -137,17 +138,19 @@ def chunked_loss_backward(grad_loss_sum: Tensor, hidden: Tensor, weight: Tensor,
             dz.mul_(1.0 - t.to(acc).square())  # d(cap * tanh(u / cap)) / du
         if logit_scale is not None:
             dz.mul_(logit_scale)
+        if need_b:
+            grad_bias.add_(dz.sum(0))
+        # The two GEMMs run in the head's compute dtype, like the plain model's backward.
         dz = dz.to(h.dtype if not torch.is_autocast_enabled(h.device.type) else
                    torch.get_autocast_dtype(h.device.type))
         del z, t
         if need_h:
             grad_hidden[start:end] = torch.mm(dz, weight.to(dz.dtype))
         if need_w:
-            part = torch.mm(dz.t(), h.to(dz.dtype))
-            grad_weight.add_(part)
-            del part
-        if need_b:
-            grad_bias.add_(dz.sum(0, dtype=acc))
+            if dz.dtype == acc and h.dtype == acc:
+                grad_weight.addmm_(dz.t(), h)      # no (vocab x hidden) temporary
+            else:
+                grad_weight.add_(torch.mm(dz.t(), h.to(dz.dtype)))
         del dz
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)

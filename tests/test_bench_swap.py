@@ -20,7 +20,7 @@ def test_swap_benchmark_rows_and_schema(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method" in proc.stdout and "resident" in proc.stdout      # the table goes to stdout
-    assert "none seq 256 ..." in proc.stderr                          # progress goes to stderr
+    assert "none seq 256: build + warm-up" in proc.stderr             # progress goes to stderr
 
     data = json.loads(out.read_text())
     rows = {r["method"]: r for r in data["results"]}
