@@ -1,7 +1,8 @@
 """The code only a GPU runs must at least compile here (README: "Code that only a GPU runs").
 
-1. Every csrc/cuda/*.cu compiles with nvcc (CUDA runtime API only, no torch headers), and the
-   objects export the pluggable-allocator entry points with C linkage.
+1. Every csrc/cuda/*.cu compiles with nvcc as C++20 (the standard torch builds extensions
+   with), using the CUDA runtime API only and no torch headers, and the objects export the
+   pluggable-allocator entry points with C linkage.
 2. csrc/cuda_ops.cpp, the CUDA binding built only in CUDA builds, passes a C++ syntax check
    against the CUDA headers that ship in torch's wheel (plus the toolkit's), so a typo there
    does not wait for a GPU machine to show up.
@@ -40,7 +41,7 @@ def test_every_cu_file_compiles_with_nvcc():
     procs = {}
     for cu in CU_FILES:
         obj = os.path.join(out_dir, os.path.basename(cu)[:-3] + ".o")
-        procs[cu] = (obj, subprocess.Popen([NVCC, "-std=c++17", "-O3", "-Xcompiler", "-Wall", "-c", cu, "-o", obj],
+        procs[cu] = (obj, subprocess.Popen([NVCC, "-std=c++20", "-O3", "-Xcompiler", "-Wall", "-c", cu, "-o", obj],
                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     failed = {}
     for cu, (obj, p) in procs.items():
