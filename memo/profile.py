@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from memo.errors import MemoError
 from memo.planner.layout import Alloc
-from memo.planner.presets import IDENTITY_FIELDS, UnknownPreset, get_preset, identity_of
+from memo.planner.presets import UnknownPreset, get_preset, identity_of
 
 ATTENTION_OPS = {
     "aten._scaled_dot_product_flash_attention_for_cpu.default",

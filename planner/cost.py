@@ -85,7 +85,8 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # --- model states --------------------------------------------------------------------------------
 
-def model_state_bytes(model: dict, *, zero_stage: int, ranks: int, offload_optimizer: bool, dtype: str = "bf16") -> dict:
+def model_state_bytes(model: dict, *, zero_stage: int, ranks: int, offload_optimizer: bool,
+                      dtype: str = "bf16") -> dict:
     """Bytes per rank of weights, gradients and optimizer states (Adam: fp32 master weights,
     momentum, variance), device and host, under ZeRO ``zero_stage`` sharded over ``ranks``.
 

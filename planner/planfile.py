@@ -102,7 +102,8 @@ def _check_schema(plan, where: str) -> None:
                 raise PlanFileError(f"memo.plan: {where}: layer.{part}.{key} is missing or malformed; {fix}")
         for t in layout["tensors"]:
             if not isinstance(t, dict) or any(k not in t for k in _TENSOR_FIELDS):
-                raise PlanFileError(f"memo.plan: {where}: a tensor of layer.{part} lacks one of {_TENSOR_FIELDS}; {fix}")
+                raise PlanFileError(f"memo.plan: {where}: a tensor of layer.{part} lacks one of "
+                                    f"{_TENSOR_FIELDS}; {fix}")
             if t["offset"] < 0 or t["offset"] + t["bytes"] > layout["peak_bytes"]:
                 raise PlanFileError(f"memo.plan: {where}: tensor {t['id']!r} of layer.{part} lies outside its arena "
                                     f"[0, {layout['peak_bytes']}); {fix}")

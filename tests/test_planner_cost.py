@@ -3,11 +3,11 @@ step time, and the Level-2 step layout. Torch-free."""
 
 import pytest
 
-from memo.planner.cost import GPU_PROFILES, get_gpu, layer_flops, model_state_bytes, step_time, UnknownGPU
-from memo.planner.layout import lower_bound, validate_layout
-from memo.planner.plan import Cluster, Level1, Options, PlanContext, finish_plan, max_fitting_seq_len, step_allocs
+from memo.planner.cost import GPU_PROFILES, UnknownGPU, get_gpu, layer_flops, model_state_bytes, step_time
 from memo.planner.dsa import solve_layout
-from memo.planner.layout import Alloc
+from memo.planner.layout import validate_layout
+from memo.planner.plan import (Cluster, Options, PlanContext, finish_plan, max_fitting_seq_len, solve_level1,
+                               step_allocs)
 from memo.planner.presets import get_preset, model_parameters, preset_names
 
 GIB = 1 << 30
@@ -103,7 +103,6 @@ def _fake_profile(n_layers=4, seq=1 << 16, unit=GIB):
 
 
 def test_level2_step_layout_is_valid_and_counts_blocks():
-    from memo.planner.plan import solve_level1
     prof = _fake_profile()
     l1 = solve_level1(prof, use_mip=False)
     assert l1.forward.peak == 4 * GIB and l1.backward.peak == 4 * GIB
@@ -122,7 +121,8 @@ def test_level2_step_layout_is_valid_and_counts_blocks():
 
 def test_alpha_divides_host_memory_among_the_gpus_of_a_node():
     prof = _fake_profile()
-    l1 = __import__("memo.planner.plan", fromlist=["solve_level1"]).solve_level1(prof, use_mip=False)
+    l1 = solve_level1(prof, use_mip=False)
+
     def plan(host, gpus_per_node):
         cl = Cluster(gpus=8, sp=1, gpu=get_gpu("a800"), host_memory=host, gpus_per_node=gpus_per_node)
         return finish_plan(PlanContext(prof, cl, Options(use_mip=False), l1), 1)
@@ -130,7 +130,6 @@ def test_alpha_divides_host_memory_among_the_gpus_of_a_node():
     p = plan(64 * GIB, 8)
     assert p["alpha"] == pytest.approx(1.0) and p["fits"]
     # Same node memory shared by 16 GPUs: 4 GiB per rank -> 2 layers x (2 + 2 alpha) <= 4 -> alpha 0.
-    p = plan(64 * GIB, 16)
     p16 = finish_plan(PlanContext(prof, Cluster(gpus=16, sp=1, gpu=get_gpu("a800"), host_memory=64 * GIB,
                                                 gpus_per_node=16), Options(use_mip=False), l1), 1)
     assert p16["alpha"] == pytest.approx(0.0)

@@ -195,8 +195,10 @@ def _plan(args) -> int:
         _write(args.plot, "plot", lambda: _plot(plan, args.plot))
         progress.say(f"wrote {args.plot}")
     if not plan["fits"]:
+        fixes = "; ".join(plan["suggestions"]) or ("no single change found (tried ZeRO stages, offload, the swap "
+                                                    "ratio, 64 TiB of host memory, 64x the GPUs)")
         sys.stderr.write(f"memo.plan: the job does not fit: {'; '.join(plan['reasons'])}. Smallest changes that fit: "
-                         f"{'; '.join(plan['suggestions']) or 'no single change found (tried ZeRO stages, offload, 64 TiB of host memory, 64x the GPUs)'}\n")
+                         f"{fixes}\n")
         if args.out:
             sys.stderr.write(f"memo.plan: not writing {args.out}: a plan that does not fit would fail at run time\n")
         return 2
@@ -310,8 +312,8 @@ def _report(plan: dict) -> None:
           f"attention {fb(sw['attention_output_bytes'])}, {plan['alpha']:.3f} of {fb(sw['other_bytes'])} other), "
           f"recompute {fb(sw['recomputed_bytes_per_layer'])}; {sw['swapped_layers']} layers swapped")
     exposed = "hidden" if t["copy_exposed_s"] == 0 else f"{t['copy_exposed_s']:.1f} s exposed per step"
-    print(f"predicted: step {pr['step_time_s']:.1f} s, MFU {pr['mfu']:.1%}; per layer forward {t['layer_forward_s']:.2f} s, "
-          f"backward {t['layer_backward_s']:.2f} s, recompute {t['layer_recompute_s']:.2f} s; copy "
+    print(f"predicted: step {pr['step_time_s']:.1f} s, MFU {pr['mfu']:.1%}; per layer forward "
+          f"{t['layer_forward_s']:.2f} s, backward {t['layer_backward_s']:.2f} s, recompute {t['layer_recompute_s']:.2f} s; copy "
           f"{t['copy_out_s']:.2f} s each way ({exposed})")
     if plan.get("max_seq_len") is not None:
         stage = "the same ZeRO stage" if not plan.get("zero_stage_chosen") else "any ZeRO stage"
