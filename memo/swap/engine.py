@@ -57,16 +57,17 @@ class SwapEngine:
         s = self.streams
         start = time.perf_counter()
         forward_done = s.event(s.compute)
-        with s.use(s.d2h):
-            s.d2h.wait_event(forward_done)
-            if self.last_h2d_event is not None:
-                s.d2h.wait_event(self.last_h2d_event)
-            try:
-                for rec in state.records.values():
-                    rec.copy_out(self.pool)
-            finally:   # even if the pool ran out: the slot's release breaks the state's cycle
-                state.d2h_event = s.event(s.d2h)
-                self._occupy(state)
+        s.d2h.wait_event(forward_done)
+        if self.last_h2d_event is not None:
+            s.d2h.wait_event(self.last_h2d_event)
+        try:
+            for rec in state.records.values():
+                rec.allocate_host(self.pool)
+            work = [(rec, rec.source) for rec in state.records.values()]
+            s.run(s.d2h, lambda: [rec.copy_out(source) for rec, source in work])
+        finally:   # even if the pool ran out: the slot's release breaks the state's cycle
+            state.d2h_event = s.event(s.d2h)
+            self._occupy(state)
         self.swap_out_s += time.perf_counter() - start
 
     def _occupy(self, state: "LayerState") -> None:
@@ -86,12 +87,11 @@ class SwapEngine:
         for rec in state.records.values():
             rec.allocate_device()
         allocated = s.event(s.compute)
-        with s.use(s.h2d):
-            s.h2d.wait_event(allocated)
-            s.h2d.wait_event(state.d2h_event)
-            for rec in state.records.values():
-                rec.copy_in()
-            state.h2d_event = s.event(s.h2d)
+        s.h2d.wait_event(allocated)
+        s.h2d.wait_event(state.d2h_event)
+        records = list(state.records.values())
+        s.run(s.h2d, lambda: [rec.copy_in() for rec in records])
+        state.h2d_event = s.event(s.h2d)
         self.last_h2d_event = state.h2d_event
         state.prefetched = True
         self.swap_in_s += time.perf_counter() - start

@@ -111,28 +111,27 @@ class SwapRecord:
         return self.swapped_numel() * torch.empty((), dtype=dtype).element_size()
 
     # --- copies ---------------------------------------------------------------------------
-    def _source_tokens(self) -> torch.Tensor:
-        return self.layout.tokens_view(self.source, self.batch)
-
-    def copy_out(self, pool: HostPool) -> None:
-        """Copy the swapped part of ``source`` into a new host block (runs on the D2H stream)."""
-        dtype = self.host_dtype or self.dtype
+    def allocate_host(self, pool: HostPool) -> None:
+        """Take the host block the swapped part goes to (on the host, when the copy is issued)."""
         self.to(RecordState.ON_HOST)
-        if self.swapped_numel() == 0:
+        if self.swapped_numel() > 0:
+            self.host = pool.allocate(self.host_bytes())
+
+    def copy_out(self, source: torch.Tensor) -> None:
+        """Copy the swapped part of ``source`` into the host block (runs on the D2H stream)."""
+        if self.host is None:
             return
-        self.host = pool.allocate(self.host_bytes())
+        dtype = self.host_dtype or self.dtype
         if self.mode == "whole":
-            flat = self.source.as_strided((self.numel(),), (1,), self.span[0])
-            dst = self.host.view(dtype, (self.numel(),))
-            dst.copy_(flat, non_blocking=True)
+            flat = source.as_strided((self.numel(),), (1,), self.span[0])
+            self.host.view(dtype, (self.numel(),)).copy_(flat, non_blocking=True)
+            return
+        src = self.layout.tokens_view(source, self.batch)
+        dst = self.host.view(dtype, ops.token_slice_shape(src, self.token_dim, self.split, self.seq))
+        if dtype == self.dtype:
+            ops.pack_tokens(src, self.token_dim, self.split, self.seq, dst)
         else:
-            src = self._source_tokens()
-            shape = ops.token_slice_shape(src, self.token_dim, self.split, self.seq)
-            dst = self.host.view(dtype, shape)
-            if dtype == self.dtype:
-                ops.pack_tokens(src, self.token_dim, self.split, self.seq, dst)
-            else:
-                dst.copy_(src.narrow(self.token_dim, self.split, self.seq - self.split), non_blocking=True)
+            dst.copy_(src.narrow(self.token_dim, self.split, self.seq - self.split), non_blocking=True)
 
     def allocate_device(self) -> None:
         """The device buffer the swapped part comes back into (compute stream)."""

@@ -46,6 +46,13 @@ class Streams:
             stack.enter_context(self.module.stream(stream))
             yield stream
 
+    def run(self, stream, work) -> None:
+        """Issue ``work()`` (copies) on ``stream``. Tests substitute a double that defers it until an
+        event after it is waited for (tests/deferred_streams.py), which makes ordering bugs visible
+        on the CPU."""
+        with self.use(stream):
+            work()
+
     def synchronize(self) -> None:
         """Wait (on the host) until the device is idle, copy streams included: before host memory is unmapped."""
         if self.on_accelerator:
