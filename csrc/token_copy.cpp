@@ -35,7 +35,8 @@ int64_t parallel_min_bytes() {
 }
 
 // Runs f(u) for u in [0, units). Threads pull units from a shared counter, so a thread slowed
-// down by a busy core takes fewer units instead of holding the whole copy back.
+// down by a busy core takes fewer units (the region's closing barrier still waits for it to
+// arrive: see parallel_min_bytes).
 template <typename F>
 void for_each_unit(int64_t units, int64_t total_bytes, const F& f) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
