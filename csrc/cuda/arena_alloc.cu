@@ -1,6 +1,9 @@
 // The planned arena as a PyTorch pluggable allocator (CUDAPluggableAllocator): one cudaMalloc
 // per device-arena, requests replayed against the plan by csrc/arena.h, misses served by
 // stream-ordered cudaMallocAsync on the requesting stream.
+// Life cycle: memo_arena_configure once (no allocation in flight through this allocator), then
+// phases, then memo_arena_release once all arena blocks are freed; alloc/free themselves are
+// thread-safe (the replay holds a mutex), configure/release are not concurrent with them.
 
 #include <cstdio>
 #include <memory>
