@@ -191,6 +191,7 @@ class LayerState:
     def materialize(self) -> None:
         """Bring the layer back: wait for its prefetch, recompute dropped tokens, prefetch the next."""
         engine = self.runtime.engine
+        self.restore_start = time.perf_counter()
         engine.drain()
         if not self.prefetched:
             engine.prefetch(self)

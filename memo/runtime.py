@@ -125,7 +125,7 @@ class MemoRuntime:
         self.timing_pass = self.auto_pending
         if self.engine is not None:
             self.engine.reset_timers()
-        self.step_times = {"forward_start": time.perf_counter()}
+        self.step_times = {"forward_start": time.perf_counter()}   # durations in seconds; see MemoStats.step
 
     def end_forward(self) -> None:
         """The decoder stack returned: drain the in-flight slots; choose alpha after the first pass."""
@@ -141,6 +141,8 @@ class MemoRuntime:
     def on_layer_restored(self, state: LayerState) -> None:
         """Prefetch the layer whose backward comes next (the previous one in forward order)."""
         self.layer_stats[state.index].recompute_s = state.recompute_s
+        self.step_times.setdefault("backward_start", state.restore_start)
+        self.step_times["recompute_s"] = self.step_times.get("recompute_s", 0.0) + state.recompute_s
         states = [r() for r in self.pass_states]
         if state in states:
             i = states.index(state)
@@ -152,6 +154,8 @@ class MemoRuntime:
     def on_layer_done(self, state: LayerState) -> None:
         self.step_times["swap_in_s"] = self.engine.swap_in_s
         self.step_times["wait_s"] = self.engine.wait_s
+        if "backward_start" in self.step_times:
+            self.step_times["swapped_backward_s"] = time.perf_counter() - self.step_times["backward_start"]
 
     # --- sizing, budget and the swap ratio ------------------------------------------------------
     def _trace_key(self, layer: torch.nn.Module, call: LayerCall) -> tuple:
@@ -297,7 +301,7 @@ class MemoRuntime:
         return MemoStats(layers=[self.layer_stats[i] for i in sorted(self.layer_stats)], host_pool=pool,
                          swap_ratio=self.alpha, swap_ratio_setting=self.config.swap_ratio,
                          swap_ratio_reason=self.alpha_reason, shared_bytes=sum(self.shared_args.values()),
-                         step={k: v for k, v in self.step_times.items() if k != "forward_start"})
+                         step={k: v for k, v in self.step_times.items() if not k.endswith("_start")})
 
     def close(self) -> None:
         if self.engine is not None:

@@ -30,6 +30,10 @@ class MemoStats:
     # Device bytes of the layer arguments every layer shares (masks, position ids, RoPE tables)
     # that memo keeps referenced for recomputation: once per model, never per layer.
     shared_bytes: int = 0
+    # Last step, seconds: forward_s (decoder stack), swapped_backward_s (from the first swapped
+    # layer's restore to the last one's release), recompute_s, and the host time spent issuing
+    # copies (swap_out_s, swap_in_s) and waiting for them (wait_s). On a GPU the copy times are
+    # enqueue times; the copies themselves overlap compute.
     step: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
