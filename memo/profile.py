@@ -154,9 +154,12 @@ def hf_config_from_model(model: dict):
 
 def _layer_classes(cfg):
     import importlib
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
     mt = cfg.model_type
+    name = model_type_to_module_name(mt)
     try:
-        mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+        mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     except ImportError as e:
         raise MemoError(f"memo.profile: no modeling code for model_type {mt!r} in transformers; use a Llama-style "
                         f"model or a preset") from e
@@ -395,22 +398,30 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
     try:
         with FakeTensorMode():
             torch.set_default_dtype(tdtype)      # before building: .to(dtype) fails under FakeTensorMode
-            layer = layer_cls(cfg, layer_idx=0)
-            h = model["hidden"]
-            x = torch.empty(micro_batch, local, h, requires_grad=True)
-            shared = None
-            if model["model_type"] != "gpt2":
-                rope = rope_cls(cfg)
-                pos = torch.arange(local).unsqueeze(0)
-                shared = tuple(t.detach() for t in rope(x, pos))
-            params = {_storage_key(p) for p in layer.parameters()} | {_storage_key(b) for b in layer.buffers()}
-            shared_keys = {_storage_key(t) for t in shared} if shared else set()
-            x_key = _storage_key(x)
-            rec = AllocationRecorder(params | shared_keys, sp=sp)
-            rec.add(x_key, x.untyped_storage().nbytes(), "layer_input", "argument", start=0)
-            rec.step = -1
-            with rec:
-                saved, out = profile_layer_saved(layer, x, shared)
+            try:
+                layer = layer_cls(cfg, layer_idx=0)
+                h = model["hidden"]
+                x = torch.empty(micro_batch, local, h, requires_grad=True)
+                shared = None
+                if model["model_type"] != "gpt2":
+                    rope = rope_cls(cfg)
+                    pos = torch.arange(local).unsqueeze(0)
+                    shared = tuple(t.detach() for t in rope(x, pos))
+                params = {_storage_key(p) for p in layer.parameters()} | {_storage_key(b) for b in layer.buffers()}
+                shared_keys = {_storage_key(t) for t in shared} if shared else set()
+                x_key = _storage_key(x)
+                rec = AllocationRecorder(params | shared_keys, sp=sp)
+                rec.add(x_key, x.untyped_storage().nbytes(), "layer_input", "argument", start=0)
+                rec.step = -1
+                with rec:
+                    saved, out = profile_layer_saved(layer, x, shared)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+                # A layer memo cannot trace: data-dependent shapes (MoE routing), attention options
+                # sdpa lacks (soft-capping), or a call signature unlike Llama's.
+                raise MemoError(f"memo.profile: cannot run a {model['model_type']} decoder layer under "
+                                f"FakeTensorMode ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}); memo profiles "
+                                f"dense Llama-style and GPT-2 layers with sdpa attention: use one of those or a "
+                                f"preset") from e
             fwd = rec.trace
 
             def kind(key: int) -> str:

@@ -126,3 +126,14 @@ def test_unwritable_output_exits_2(capsys, tmp_path):
     code, out, err = _run(capsys, "--model", "memo-paper-7b", "--seq-len", "64K", "--host-memory", "2TiB", *FAST,
                           "--out", str(tmp_path / "no" / "such" / "plan.json"))
     assert code == 2 and "cannot write the plan" in err
+
+
+def test_unsupported_layer_exits_2(capsys, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "mixtral", "hidden_size": 256, "num_hidden_layers": 2,
+                               "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 1000}))
+    code, out, err = _run(capsys, "--model", str(cfg), "--seq-len", "4K", "--gpus", "1", "--host-memory", "64GiB",
+                          *FAST)
+    assert code == 2 and "cannot run a mixtral decoder layer under FakeTensorMode" in err
+    assert err.rstrip().endswith("use one of those or a preset")
