@@ -418,8 +418,9 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
                 # A layer memo cannot trace: data-dependent shapes (MoE routing), attention options
                 # sdpa lacks (soft-capping), or a call signature unlike Llama's.
+                first_line = (str(e).splitlines() or [""])[0][:200]
                 raise MemoError(f"memo.profile: cannot run a {model['model_type']} decoder layer under "
-                                f"FakeTensorMode ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}); memo profiles "
+                                f"FakeTensorMode ({type(e).__name__}: {first_line}); memo profiles "
                                 f"dense Llama-style and GPT-2 layers with sdpa attention: use one of those or a "
                                 f"preset") from e
             fwd = rec.trace
