@@ -22,14 +22,15 @@ namespace {
 
 constexpr int64_t kUnitBytes = 1 << 18;      // bytes per unit of work handed to a thread
 
-// Copies smaller than this run on the calling thread. A parallel region ends in a barrier:
-// if one worker's core is busy with another process, the copy waits for the scheduler (about
-// 8 ms on the 2-core CI machine, measured with benchmarks/copy.py), which only pays off for
-// copies that take longer than that. MEMO_PARALLEL_COPY_BYTES overrides it (0: always parallel).
+// Copies smaller than this run on the calling thread (in cache, one thread is about as fast).
+// A parallel region ends in a barrier: if a worker's core is busy with another process, the
+// copy waits for the scheduler (about 8 ms on the loaded 2-core CI machine, measured with
+// benchmarks/copy.py); torch's own copy_ pays the same. MEMO_PARALLEL_COPY_BYTES overrides it
+// (0: always parallel; a huge value: never).
 int64_t parallel_min_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("MEMO_PARALLEL_COPY_BYTES");
-    return env != nullptr ? std::atoll(env) : int64_t{64} << 20;
+    return env != nullptr ? std::atoll(env) : int64_t{8} << 20;
   }();
   return bytes;
 }
