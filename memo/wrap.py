@@ -49,8 +49,8 @@ def _check_model(model: torch.nn.Module, base: torch.nn.Module) -> None:
                         f"attention kernel to swap its output instead of recomputing it); load the model with "
                         f"attn_implementation='sdpa' or call model.set_attn_implementation('sdpa')")
     if any(getattr(layer, "gradient_checkpointing", False) for layer in base.layers):
-        raise MemoError("memo.wrap: gradient checkpointing is enabled; memo replaces it. Call "
-                        "model.gradient_checkpointing_disable() before memo.wrap")
+        raise MemoError("memo.wrap: activation (gradient) checkpointing is enabled; memo replaces it. Call "
+                        "model.activation_checkpointing_disable() before memo.wrap")
 
 
 def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.nn.Module:

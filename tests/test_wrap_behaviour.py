@@ -92,8 +92,8 @@ def test_unsupported_models_are_refused():
     with pytest.raises(MemoError, match="attn_implementation='sdpa'"):
         _wrap(eager)
     ckpt = build("llama")
-    ckpt.gradient_checkpointing_enable()
-    with pytest.raises(MemoError, match="gradient_checkpointing_disable"):
+    ckpt.activation_checkpointing_enable()
+    with pytest.raises(MemoError, match="activation_checkpointing_disable"):
         _wrap(ckpt)
 
 
