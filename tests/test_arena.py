@@ -12,6 +12,13 @@ from memo.errors import MemoError
 pytestmark = pytest.mark.skipif(_ext._module is None, reason=f"memo._C not built: {_ext._load_error}")
 
 
+@pytest.fixture(autouse=True)
+def csrc_on(monkeypatch):
+    """The arena has no pure-torch fallback: these tests run the C++ replay even when the
+    suite runs with MEMO_DISABLE_CSRC=1."""
+    monkeypatch.setenv(_ext.DISABLE_ENV, "0")
+
+
 def first_fit_plan(events):
     """Plan a recorded sequence of ('alloc', id, size) / ('free', id) events: offsets, peak."""
     free, where, slots = [(0, 1 << 60)], {}, []
