@@ -70,6 +70,8 @@ def pack_tokens(src: torch.Tensor, dim: int, start: int, stop: int, out: torch.T
 
     src: any shape and strides; dim: the token dimension; out: contiguous, same dtype, exactly
     as many elements as the slice (any shape). Returns ``out`` viewed with the slice's shape.
+    Between a GPU and pinned host memory the copy is only enqueued on the current stream: read
+    ``out`` after an event recorded there (the swap engine does; see NOTE [ Swap stream ordering ]).
     """
     native = _native(src, out)
     if native is not None:

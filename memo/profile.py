@@ -367,7 +367,7 @@ def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> tuple[list[dict]
     def pack(t):
         saved.append({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                       "bytes": t.untyped_storage().nbytes(), "key": _storage_key(t)})
-        return t
+        return t.detach()   # NOTE [ Pack returns a detached tensor ] in memo/trace.py
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = _run_layer(layer, x, shared)
