@@ -187,12 +187,8 @@ def _plan(args) -> int:
     if not plan["fits"]:
         plan["suggestions"] = _suggestions(plan, fits_at, seq_len, args, sp, host, swap)
 
-    if args.json:
-        print(json.dumps(plan, indent=1, sort_keys=True))
-    else:
-        _report(plan)
+    _emit(plan, args)
     if args.plot:
-        _write(args.plot, "plot", lambda: _plot(plan, args.plot))
         progress.say(f"wrote {args.plot}")
     if not plan["fits"]:
         fixes = "; ".join(plan["suggestions"]) or ("no single change found (tried ZeRO stages, offload, the swap "
@@ -214,13 +210,18 @@ def _show_plan(args) -> int:
         plan = load_plan(args.from_plan)
     except PlanFileError as e:
         raise MemoError(str(e)) from e
+    _emit(plan, args)
+    return 0
+
+
+def _emit(plan: dict, args) -> None:
+    """The plan as JSON (``--json``) or the human report, and its plot (``--plot``)."""
     if args.json:
         print(json.dumps(plan, indent=1, sort_keys=True))
     else:
         _report(plan)
     if args.plot:
         _write(args.plot, "plot", lambda: _plot(plan, args.plot))
-    return 0
 
 
 def _plot(plan: dict, path: str) -> None:
