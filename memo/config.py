@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -48,6 +48,20 @@ class MemoConfig:
     offload_dtype: str = "keep"
     # A plan file from `memo plan --out`; its alpha (and arena offsets) are used.
     plan: Optional[str] = None
+    # Sequence parallelism: P ranks share one sequence (each holds S/P tokens). None or 1: off. The
+    # world is split into consecutive blocks of P ranks (data parallel x sequence parallel), or pass
+    # the group itself as sequence_parallel_group.
+    sequence_parallel_size: Optional[int] = None
+    sequence_parallel_group: Any = None
+    # "ring" (default: no head-count limit, communication overlaps compute), "ulysses" (all-to-all
+    # over heads; heads must split over the ranks) or "hybrid" (Ulysses inside groups of
+    # ulysses_size consecutive ranks, by default the ranks of a node, ring across them).
+    sp_backend: str = "ring"
+    # "zigzag" balances causal work over the ranks; "contiguous" is the simple split.
+    sp_layout: str = "zigzag"
+    ulysses_size: Optional[int] = None
+    # Every collective waits at most this long, so a dead rank fails the others instead of hanging.
+    sp_timeout_s: float = 300.0
     # Off switch that keeps call sites unchanged (`memo.wrap(model, MemoConfig(enabled=False))`).
     enabled: bool = True
     # Resolved byte budget (filled in by __post_init__).
@@ -72,6 +86,17 @@ class MemoConfig:
             raise MemoError(f"memo.config: loss_chunk_size={self.loss_chunk_size!r} must be a positive int or None")
         if self.offload_dtype not in _OFFLOAD_DTYPES:
             raise MemoError(f"memo.config: offload_dtype={self.offload_dtype!r} is not one of {_OFFLOAD_DTYPES}")
+        from memo.parallel.groups import BACKENDS
+        from memo.parallel.layout import LAYOUTS
+        if self.sp_backend not in BACKENDS:
+            raise MemoError(f"memo.config: sp_backend={self.sp_backend!r} is not one of {BACKENDS}")
+        if self.sp_layout not in LAYOUTS:
+            raise MemoError(f"memo.config: sp_layout={self.sp_layout!r} is not one of {LAYOUTS}")
+        if self.sequence_parallel_size is not None and (isinstance(self.sequence_parallel_size, bool) or not isinstance(
+                self.sequence_parallel_size, int) or self.sequence_parallel_size < 1):
+            raise MemoError(f"memo.config: sequence_parallel_size={self.sequence_parallel_size!r} must be an int >= 1")
+        if not (isinstance(self.sp_timeout_s, (int, float)) and self.sp_timeout_s > 0):
+            raise MemoError(f"memo.config: sp_timeout_s={self.sp_timeout_s!r} must be a positive number of seconds")
         if self.host_memory_budget is None:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             self.host_budget_bytes = _available_host_bytes() // 2 // max(local, 1)
@@ -85,5 +110,15 @@ class MemoConfig:
     def offload_torch_dtype(self) -> Optional[torch.dtype]:
         return {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.offload_dtype]
 
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.sequence_parallel_group is not None or (self.sequence_parallel_size or 1) > 1
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        group, self.sequence_parallel_group = self.sequence_parallel_group, None   # not copyable
+        try:
+            out = asdict(self)
+        finally:
+            self.sequence_parallel_group = group
+        out["sequence_parallel_group"] = None if group is None else repr(group)
+        return out

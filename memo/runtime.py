@@ -52,6 +52,9 @@ class MemoRuntime:
         self._cache_warned = False
         self.plan: Optional[dict] = None
         self.shared_args: dict[int, int] = {}
+        self.sp = None                 # memo.parallel.SequenceParallel when sequence parallelism is on
+        self.sp_binding = None
+        self.original_attn_implementation: Optional[str] = None
 
     # --- the wrapped layer forward --------------------------------------------------------
     def run_layer(self, index: int, layer: torch.nn.Module, hidden_states: torch.Tensor, args: tuple,
@@ -180,8 +183,9 @@ class MemoRuntime:
         """Refuse a plan made for another sequence length, micro-batch or dtype (before any compute)."""
         from memo.planner.planfile import PlanMismatch, check_plan_matches
         try:
-            check_plan_matches(self.plan, model=self.plan["model"], seq_len=call.seq, micro_batch=call.batch,
-                               dtype=str(call.hidden_states.dtype), sp=1)
+            sp = 1 if self.sp is None else self.sp.size
+            check_plan_matches(self.plan, model=self.plan["model"], seq_len=call.seq * sp, micro_batch=call.batch,
+                               dtype=str(call.hidden_states.dtype), sp=sp)
         except PlanMismatch as e:
             raise MemoError(str(e)) from e
 

@@ -38,16 +38,20 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import memo.attention.op  # noqa: F401  (registers torch.ops.memo.sp_attention)
 from memo.errors import MemoError
 
 aten = torch.ops.aten
 
 # Attention kernels whose outputs are ATTN_OUT and which recomputation replays instead of running.
+# memo.sp_attention is ring / Ulysses / hybrid sequence-parallel attention as one op: replaying it
+# also means recomputation sends no message.
 ATTENTION_KERNELS = {
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.memo.sp_attention.default,
 }
 # Token dimension of the kernels' (output, lse) in (batch, heads, seq, ...) layout.
 KERNEL_TOKEN_DIM = 2

@@ -70,6 +70,8 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
     base, layers = _find_layers(model)
     _check_model(model, base)
     runtime = MemoRuntime(config, layers)
+    if config.sequence_parallel:
+        _install_sequence_parallel(model, layers, runtime, config)
     if config.plan is not None:
         _apply_plan(model, runtime, config)
     for i, layer in enumerate(layers):
@@ -78,8 +80,9 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
     runtime.base = base
     runtime.original_base_forward = base.forward
     base.forward = functools.partial(_decoder_stack_forward, runtime)
-    if config.loss_chunk_size is not None and hasattr(model, "lm_head"):
-        _check_chunkable(model)
+    if hasattr(model, "lm_head") and (config.loss_chunk_size is not None or runtime.sp is not None):
+        if config.loss_chunk_size is not None:
+            _check_chunkable(model)
         runtime.original_model_forward = model.forward
         model.forward = functools.partial(_causal_lm_forward, model, runtime)
     setattr(model, _ATTR, runtime)
@@ -97,6 +100,8 @@ def _decoder_stack_forward(runtime: MemoRuntime, *args, **kwargs):
     autograd nodes reference the layer's handles, a cycle that only the release breaks.
     """
     try:
+        if runtime.sp is not None:
+            kwargs = _sequence_parallel_call(runtime, args, kwargs)
         return runtime.original_base_forward(*args, **kwargs)
     finally:
         runtime.end_forward()
@@ -113,6 +118,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     del runtime.base.forward
     if getattr(runtime, "original_model_forward", None) is not None:
         del model.forward
+    if runtime.sp is not None:
+        from memo.attention.hf import uninstall
+        uninstall(model, runtime.layers, runtime.original_attn_implementation)
     runtime.close()
     delattr(model, _ATTR)
     return model
@@ -156,7 +164,10 @@ def _check_chunkable(model: torch.nn.Module) -> None:
 def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_mask=None, position_ids=None,
                        past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                        **kwargs):
-    """The CausalLM forward with the LM head and loss computed in chunks when labels are given."""
+    """The CausalLM forward with the LM head and loss computed in chunks when labels are given.
+
+    Under sequence parallelism the loss is the whole sequence's on every rank (NOTE [ Sequence-parallel loss ]).
+    """
     if labels is None:
         return runtime.original_model_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -168,13 +179,24 @@ def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_ma
 
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
+    if runtime.sp is not None:
+        num_items = _sequence_parallel_items(runtime, labels, shift_labels, num_items)
+    if runtime.config.loss_chunk_size is None:
+        out = runtime.original_model_forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, num_items_in_batch=num_items, shift_labels=shift_labels, **kwargs)
+        out.loss = _sequence_parallel_loss(runtime, out.loss)
+        return out
     outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                           use_cache=False if use_cache is None else use_cache, **kwargs)
     hidden = outputs.last_hidden_state
-    loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, chunk_size=runtime.config.loss_chunk_size,
+    loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, None if shift_labels is not None else labels,
+                                  chunk_size=runtime.config.loss_chunk_size,
                                   bias=model.lm_head.bias, num_items_in_batch=num_items, shift_labels=shift_labels,
                                   **head_options_from_config(model.config))
+    loss = _sequence_parallel_loss(runtime, loss)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
@@ -199,3 +221,89 @@ def _apply_plan(model, runtime: MemoRuntime, config: MemoConfig) -> None:
     runtime.plan = plan
     runtime.alpha = float(plan["alpha"])
     runtime.alpha_reason = f"from plan {config.plan}"
+
+
+# --- sequence parallelism ----------------------------------------------------------------------
+# NOTE [ Sequence-parallel loss ]
+#
+# 1. Each rank holds S/P tokens and their (already shifted) labels. The loss every rank returns
+#    is the whole sequence's: the sum over all ranks' non-ignored tokens divided by their count.
+# 2. The count is summed over the group (``num_items_in_batch``, if given, is this rank's count,
+#    as transformers' Trainer computes it from the batch it sees, and is summed likewise).
+# 3. The returned value is local + (sum of all locals - local), the bracket detached: every rank
+#    reports the same number, and backward gives each rank the gradient of its own tokens' share.
+#    ``memo.parallel.all_reduce_gradients`` (or a data-parallel wrapper reducing over the SP ranks
+#    too) sums those shares into the full-sequence gradient.
+
+
+def _install_sequence_parallel(model, layers, runtime: MemoRuntime, config: MemoConfig) -> None:
+    from memo.attention.hf import install
+    from memo.attention.ulysses import check_heads
+    from memo.parallel.groups import sequence_parallel
+    group = config.sequence_parallel_group
+    sp = sequence_parallel(group, size=None if group is not None else config.sequence_parallel_size,
+                           backend=config.sp_backend, layout=config.sp_layout, ulysses_size=config.ulysses_size,
+                           timeout_s=config.sp_timeout_s)
+    if config.sequence_parallel_size is not None and sp.size != config.sequence_parallel_size:
+        raise MemoError(f"memo.wrap: sequence_parallel_size={config.sequence_parallel_size} but the group has "
+                        f"{sp.size} ranks; pass one of them, or both consistently")
+    check_heads(sp, model.config.num_attention_heads)
+    runtime.sp = sp
+    runtime.original_attn_implementation = model.config._attn_implementation
+    runtime.sp_binding = install(model, layers, sp)
+
+
+def _sequence_parallel_call(runtime: MemoRuntime, args: tuple, kwargs: dict) -> dict:
+    """Global positions and document ids for this forward; the mask checked and dropped."""
+    from memo.parallel.comm import all_reduce
+    from memo.parallel.layout import shard_indices
+    sp = runtime.sp
+    if len(args) > 1:
+        raise MemoError("memo.wrap: under sequence parallelism pass attention_mask and position_ids to the model "
+                        "as keywords")
+    ref = next((t for t in (kwargs.get("inputs_embeds"), kwargs.get("input_ids"), *args[:1]) if t is not None), None)
+    if ref is None:
+        raise MemoError("memo.wrap: the model was called without input_ids or inputs_embeds")
+    b, s = ref.shape[0], ref.shape[1]
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if mask.dim() != 2 or not bool(mask.bool().all()):
+            raise MemoError("memo.wrap: under sequence parallelism attention_mask must be all ones (or None): "
+                            "memo.parallel.shard_batch turns right padding into ignored labels, and packed documents "
+                            "are given by position_ids restarting at 0")
+        kwargs = dict(kwargs, attention_mask=None)
+    global_idx = shard_indices(s * sp.size, sp.size, sp.rank, sp.layout, ref.device)
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        kwargs = dict(kwargs, position_ids=global_idx.unsqueeze(0))
+        runtime.sp_binding.doc = None
+        return kwargs
+    if positions.shape[-1] != s:
+        raise MemoError(f"memo.wrap: position_ids have {positions.shape[-1]} positions for {s} local tokens")
+    doc = (global_idx - positions).expand(b, s).contiguous()
+    packed = all_reduce(sp, (doc != 0).any().to(torch.int64).reshape(1), "packed-sequence check")
+    runtime.sp_binding.doc = doc if int(packed.item()) else None
+    return kwargs
+
+
+def _sequence_parallel_items(runtime: MemoRuntime, labels, shift_labels, num_items):
+    """The group's count of non-ignored tokens (NOTE [ Sequence-parallel loss ] rule 2)."""
+    from memo.parallel.comm import all_reduce
+    if shift_labels is None:
+        raise MemoError("memo.wrap: under sequence parallelism the labels must be shifted before the sequence is "
+                        "sharded, or the last token of every shard loses its label; pass the batch through "
+                        "memo.parallel.shard_batch, which adds shift_labels")
+    if num_items is None:
+        count = (shift_labels != -100).sum().to(torch.float32)
+    else:
+        count = torch.as_tensor(num_items, dtype=torch.float32, device=shift_labels.device).clone()
+    return all_reduce(runtime.sp, count.reshape(1), "loss token count")[0]
+
+
+def _sequence_parallel_loss(runtime: MemoRuntime, local):
+    """NOTE [ Sequence-parallel loss ] rule 3."""
+    if runtime.sp is None or local is None:
+        return local
+    from memo.parallel.comm import all_reduce
+    total = all_reduce(runtime.sp, local.detach().clone().reshape(1), "loss")[0]
+    return local + (total - local.detach())

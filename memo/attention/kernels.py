@@ -1,0 +1,92 @@
+"""Blockwise attention with log-sum-exp, on torch's own flash kernels, and merging of blocks.
+
+q: (batch, heads, sq, head_dim); k, v: (batch, heads, sk, head_dim) (grouped-query heads already
+repeated); mask: None or an additive float mask (batch or 1, 1, sq, sk) in q's dtype, whose
+disallowed entries are ``masked_value(dtype)`` (finite: a row with no allowed key in one block then
+gets a finite, very negative log-sum-exp and vanishes when blocks are merged, where ``-inf`` makes
+torch's CPU kernel return lse 0). Returns out (batch, heads, sq, head_dim) in q's dtype and
+lse (batch, heads, sq) in fp32.
+
+Kernels: CPU: ``_scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``). CUDA: the flash
+kernel for fp16/bf16 without a mask, the memory-efficient kernel otherwise (fp32, masks). The
+backward kernels take the *merged* out and lse of all blocks, so each block's gradient is its exact
+share of the full attention's gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+aten = torch.ops.aten
+
+
+def masked_value(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+def block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        return out, lse.float()
+    if mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1].float()
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, _cuda_bias(mask, q, k), True, 0.0, causal,
+                                                                  scale=scale)
+    return out, lse[..., :q.shape[2]].float()
+
+
+def block_backward(dout, q, k, v, out, lse, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
+    """Gradients (dq, dk, dv) of one block, given the merged ``out`` and ``lse`` of the query rows."""
+    if q.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    empty = torch.empty(0, device=q.device)
+    if mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        return aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
+            torch.empty(2, dtype=torch.int64, device=q.device), empty, scale=scale)
+    pad = -(-q.shape[2] // 32) * 32   # the efficient kernel's lse rows are padded to 32
+    lse_p = torch.nn.functional.pad(lse, (0, pad - q.shape[2])).contiguous()
+    bias = _cuda_bias(mask, q, k)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, bias if bias is not None else empty, out, lse_p, empty, empty, 0.0,
+        [True, True, True, False], causal, scale=scale)
+    return dq, dk, dv
+
+
+def _cuda_bias(mask, q, k):
+    """The efficient kernel wants a bias whose last dim is 16-aligned in memory; expand over heads."""
+    if mask is None:
+        return None
+    b, h, sq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    aligned = -(-sk // 16) * 16
+    buf = torch.empty(b, h, sq, aligned, dtype=q.dtype, device=q.device)
+    buf[..., :sk] = mask
+    return buf[..., :sk]
+
+
+def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+    """Fold one block's (out, lse) into fp32 accumulators, in place (softmax over the union of keys)."""
+    new = torch.logaddexp(lse_acc, lse_blk)
+    out_acc.mul_(torch.exp(lse_acc - new).unsqueeze(-1)).add_(out_blk.float() * torch.exp(lse_blk - new).unsqueeze(-1))
+    lse_acc.copy_(new)
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, kv_heads, s, d) -> (b, heads, s, d): kv head j serves query heads j*rep .. j*rep+rep-1."""
+    kvh = x.shape[1]
+    if kvh == heads:
+        return x
+    b, _, s, d = x.shape
+    return x[:, :, None].expand(b, kvh, heads // kvh, s, d).reshape(b, heads, s, d)
+
+
+def reduce_kv(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The inverse of ``repeat_kv`` for gradients: sum over the query heads sharing a kv head."""
+    b, h, s, d = dx.shape
+    if h == kv_heads:
+        return dx
+    return dx.view(b, kv_heads, h // kv_heads, s, d).sum(2)

@@ -1,0 +1,83 @@
+"""``torch.ops.memo.sp_attention``: sequence-parallel attention as one op with an autograd formula.
+
+One op, so that memo's swap executor sees it as one attention kernel: it records the op's outputs
+(out, lse) in the forward and replays them during token-wise recomputation, so a wrapped layer
+never recomputes attention nor re-runs the ring's communication (NOTE [ Saved tensor classes ]
+rule 4 in memo/trace.py). Saved for backward: q, k, v, out, lse, all (b, heads, local_seq, ...)
+sequence shards with the token dimension at 2, like the SDPA kernels'.
+
+Signature: q (b, H, s, d), k and v (b, KVH, s, d), doc None or (b, s) int64 document ids (the global
+position of each token's document start; packed sequences), sp_id from ``memo.parallel.groups``.
+Returns out (b, H, s, d) in q's dtype and lse (b, H, s) fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from memo.attention.ulysses import check_heads, sp_backward, sp_forward
+from memo.errors import MemoError
+from memo.parallel.comm import check_same
+from memo.parallel.groups import lookup
+
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@torch.library.custom_op("memo::sp_attention", mutates_args=())
+def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: Optional[torch.Tensor], sp_id: int,
+                 scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    sp = lookup(sp_id)
+    _check(sp, q, k, v, doc, causal)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    out, lse = sp_forward(sp, q, k, v, doc, causal=causal, scale=scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@sp_attention.register_fake
+def _(q, k, v, doc, sp_id, scale, causal):
+    b, h, s, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+def _check(sp, q, k, v, doc, causal: bool) -> None:
+    """Local shapes first (a clear message), then the same values on every rank (NOTE: no hang)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise MemoError(f"memo.attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
+                        f"(batch, heads, local_seq, head_dim) with kv_heads dividing heads")
+    if q.dtype not in _DTYPES:
+        raise MemoError(f"memo.attention: dtype {q.dtype} is not supported; use one of {_DTYPES}")
+    if doc is not None and tuple(doc.shape) != (q.shape[0], q.shape[2]):
+        raise MemoError(f"memo.attention: document ids have shape {tuple(doc.shape)}, expected "
+                        f"(batch, local_seq) = {(q.shape[0], q.shape[2])}")
+    if sp.layout == "zigzag" and causal and q.shape[2] % 2:
+        raise MemoError(f"memo.attention: a zigzag shard holds two equal chunks, but the local length is "
+                        f"{q.shape[2]} (odd); shard the sequence with memo.parallel.shard_sequence")
+    check_heads(sp, q.shape[1])
+    names = ("batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "causal", "documents")
+    values = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], _DTYPES.index(q.dtype), int(causal),
+              int(doc is not None))
+    check_same(sp, "attention call", names, values, device=q.device if q.device.type != "cpu" else None)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, doc, sp_id, scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    # Not saved through autograd: the saved-tensor hooks of the swap executor must see only the
+    # token-wise tensors of the attention call (doc is the same per-forward tensor for every layer).
+    ctx.doc, ctx.sp_id, ctx.scale, ctx.causal = doc, sp_id, scale, causal
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    k_, v_ = (k.to(q.dtype), v.to(q.dtype)) if k.dtype != q.dtype else (k, v)
+    dq, dk, dv = sp_backward(lookup(ctx.sp_id), dout.contiguous(), q, k_, v_, out, lse, ctx.doc, causal=ctx.causal,
+                             scale=ctx.scale)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+sp_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,157 @@
+"""Ring attention: forward and backward as explicit ring loops over blocks of keys and values.
+
+Plain functions on (batch, heads, local_seq, head_dim) tensors; ``memo.attention.op`` wraps them in
+one custom op with an autograd formula.
+
+# NOTE [ Ring step order ]
+#
+# 1. Ring rank g holds its queries and starts with its own keys/values (step 0). At step i it
+#    holds the keys/values of ring rank src = (g - i) mod R, and has already queued the exchange
+#    that brings it src - 1's (send to g + 1, receive from g - 1) before computing on src's.
+# 2. Which block pairs are computed (causal): step 0 is the diagonal, causal. zigzag (ranks hold
+#    chunks g and 2R-1-g): src < g: all queries vs the first half of the keys; src > g: the second
+#    half of the queries vs all keys; both full (non-causal) blocks of half the work. contiguous:
+#    src < g: all vs all; src > g: nothing. Not causal: every step is all vs all.
+# 3. With documents (packed sequences), each computed block is further masked to pairs in the same
+#    document (and, causal, key position <= query position); blocks with no allowed pair are
+#    skipped. A document is identified by its first token's global position (``doc``), which travels
+#    with the keys.
+# 4. Forward: per-block (out, lse) are merged in fp32 (``merge_into``). Backward: every block's
+#    gradient uses the merged out and lse; dq stays on its rank, dk/dv accumulate in fp32 and travel
+#    with the block they belong to, so after R steps and one last exchange each rank holds the full
+#    dk/dv of its own keys/values.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from memo.attention.kernels import block_backward, block_forward, masked_value, merge_into, reduce_kv, repeat_kv
+from memo.parallel.comm import RingExchange
+from memo.parallel.groups import SequenceParallel
+from memo.parallel.layout import shard_indices
+
+_ALL = slice(None)
+
+
+def select_block(layout: str, causal: bool, rank: int, src: int, s: int) -> Optional[tuple]:
+    """(query slice, key slice, is_causal) computed at this step, or None. NOTE [ Ring step order ] rule 2."""
+    if not causal:
+        return _ALL, _ALL, False
+    if src == rank:
+        return _ALL, _ALL, True
+    if layout == "zigzag":
+        half = s // 2
+        return (_ALL, slice(0, half), False) if src < rank else (slice(half, None), _ALL, False)
+    return (_ALL, _ALL, False) if src < rank else None
+
+
+def _doc_mask(doc_q, doc_k, pos_q, pos_k, causal: bool, dtype) -> Optional[torch.Tensor]:
+    """Additive mask (b, 1, sq, sk) for same-document pairs, or None when no pair is allowed."""
+    allowed = doc_q[:, :, None] == doc_k[:, None, :]
+    if causal:
+        allowed = allowed & (pos_q[:, None] >= pos_k[None, :])
+    if not bool(allowed.any()):
+        return None
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, masked_value(dtype)).unsqueeze(1)
+
+
+class _Blocks:
+    """Block geometry shared by forward and backward of one call."""
+
+    def __init__(self, sp: SequenceParallel, s: int, causal: bool, doc, device) -> None:
+        self.sp, self.s, self.causal, self.doc = sp, s, causal, doc
+        self.R, self.g = sp.ring_size, sp.ring_rank
+        self.positions = None
+        if doc is not None:   # ring coordinates: ascending within the ring (NOTE [ Sequence layouts ] 4)
+            self.positions = [shard_indices(s * self.R, self.R, r, sp.layout, device) for r in range(self.R)]
+
+    def at(self, step: int, q_dtype, doc_k):
+        """(query slice, key slice, is_causal, mask) of ``step``, or None to skip it."""
+        src = (self.g - step) % self.R
+        sel = select_block(self.sp.layout, self.causal, self.g, src, self.s)
+        if sel is None:
+            return None
+        qs, ks, is_causal = sel
+        if self.doc is None:
+            return qs, ks, is_causal, None
+        mask = _doc_mask(self.doc[:, qs], doc_k[:, ks], self.positions[self.g][qs], self.positions[src][ks],
+                         self.causal, q_dtype)
+        return None if mask is None else (qs, ks, False, mask)
+
+
+def ring_forward(sp: SequenceParallel, q, k, v, doc: Optional[torch.Tensor], *, causal: bool, scale: float):
+    """out (b, h, s, d) in q's dtype and lse (b, h, s) fp32 of this rank's queries over the whole ring.
+
+    q: (b, h, s, d); k, v: (b, kv_heads, s, d); doc: None or (b, s) int64 document ids.
+    """
+    b, h, s, d = q.shape
+    blocks = _Blocks(sp, s, causal, doc, q.device)
+    out = torch.zeros(b, h, s, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+    kk, vv, dk_ = k, v, doc
+    for step in range(blocks.R):
+        ex = None
+        if step + 1 < blocks.R:
+            ex = RingExchange(sp, f"ring attention forward step {step}")
+            ex.send_recv([kk, vv] + ([dk_] if doc is not None else []))
+            ex.commit()
+        blk = blocks.at(step, q.dtype, dk_)
+        if blk is not None:
+            qs, ks, is_causal, mask = blk
+            o, l = block_forward(q[:, :, qs], repeat_kv(kk[:, :, ks], h), repeat_kv(vv[:, :, ks], h),
+                                 causal=is_causal, mask=mask, scale=scale)
+            merge_into(out[:, :, qs], lse[:, :, qs], o, l)
+        if ex is not None:
+            got = ex.wait()
+            kk, vv = got[0], got[1]
+            dk_ = got[2] if doc is not None else None
+    return out.to(q.dtype), lse
+
+
+def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[torch.Tensor], *, causal: bool,
+                  scale: float):
+    """(dq, dk, dv) in the dtypes of q, k, v. NOTE [ Ring step order ] rule 4."""
+    b, h, s, d = q.shape
+    kvh = k.shape[1]
+    blocks = _Blocks(sp, s, causal, doc, q.device)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kk, vv, dk_ = k, v, doc
+    dkv_ex = None
+    dk_acc = dv_acc = None
+    for step in range(blocks.R):
+        kv_ex = None
+        if step + 1 < blocks.R:
+            kv_ex = RingExchange(sp, f"ring attention backward step {step}")
+            kv_ex.send_recv([kk, vv] + ([dk_] if doc is not None else []))
+            kv_ex.commit()
+        dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv_blk = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        blk = blocks.at(step, q.dtype, dk_)
+        if blk is not None:
+            qs, ks, is_causal, mask = blk
+            gq, gk, gv = block_backward(dout[:, :, qs], q[:, :, qs], repeat_kv(kk[:, :, ks], h),
+                                        repeat_kv(vv[:, :, ks], h), out[:, :, qs], lse[:, :, qs],
+                                        causal=is_causal, mask=mask, scale=scale)
+            dq[:, :, qs] += gq.float()
+            dk_blk[:, :, ks] += reduce_kv(gk.float(), kvh)
+            dv_blk[:, :, ks] += reduce_kv(gv.float(), kvh)
+        if dkv_ex is None:
+            dk_acc, dv_acc = dk_blk, dv_blk
+        else:
+            got = dkv_ex.wait()
+            dk_acc, dv_acc = got[0] + dk_blk, got[1] + dv_blk
+        if blocks.R > 1:
+            dkv_ex = RingExchange(sp, f"ring attention dk/dv step {step}")
+            dkv_ex.send_recv([dk_acc, dv_acc])
+            dkv_ex.commit()
+        if kv_ex is not None:
+            got = kv_ex.wait()
+            kk, vv = got[0], got[1]
+            dk_ = got[2] if doc is not None else None
+    if dkv_ex is not None:
+        dk_acc, dv_acc = dkv_ex.wait()
+    return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)

@@ -1,0 +1,141 @@
+"""Cutting one sequence into per-rank shards and putting it back together.
+
+``shard_sequence`` / ``gather_sequence`` take a tensor along its sequence dimension;
+``shard_batch`` takes a whole training batch (``input_ids``, ``labels``, ``attention_mask``,
+``position_ids``). Layouts: NOTE [ Sequence layouts ] in memo/parallel/layout.py.
+
+# NOTE [ Labels under sequence parallelism ]
+#
+# 1. A causal LM predicts token t+1 at position t. Cut into shards first and shifted inside each
+#    shard, the last position of every shard would lose its label. ``shard_batch`` shifts the
+#    labels of the whole sequence first (``shift_labels``, as transformers calls them) and then
+#    shards them, so every position keeps its own target.
+# 2. Positions stay global (``position_ids`` of the full sequence, sharded), so RoPE sees the
+#    true position of every token.
+# 3. A length that does not split into the layout's chunks is padded at the end with ignored
+#    labels (-100). Under causal attention no real token attends to a later one, so the padding
+#    changes no real token's output, and it adds nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import warnings
+import torch
+
+from memo.errors import MemoError
+from memo.parallel.comm import all_gather, all_reduce
+from memo.parallel.groups import SequenceParallel, setup_for
+from memo.parallel.layout import check_divisible, num_chunks, shard_indices
+
+IGNORE_INDEX = -100
+_warned = {"pad": False}
+
+
+def _sp(group, layout: str) -> SequenceParallel:
+    return setup_for(group, "ring", layout)
+
+
+def shard_sequence(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's shard of ``x`` along ``dim`` (a view-free copy, contiguous)."""
+    sp = _sp(group, layout)
+    check_divisible(x.shape[dim], sp.size, sp.layout, what=f"sequence length (dim {dim} of {tuple(x.shape)})")
+    idx = shard_indices(x.shape[dim], sp.size, sp.rank, sp.layout, x.device)
+    return x.index_select(dim, idx)
+
+
+def gather_sequence(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """The inverse of ``shard_sequence``: the whole sequence on every rank (not differentiable)."""
+    sp = _sp(group, layout)
+    parts = all_gather(sp, x.detach(), "gather_sequence")
+    total = x.shape[dim] * sp.size
+    out = torch.empty(*x.shape[:dim], total, *x.shape[dim + 1:], dtype=x.dtype, device=x.device)
+    for r, part in enumerate(parts):
+        out.index_copy_(dim, shard_indices(total, sp.size, r, sp.layout, x.device), part)
+    return out
+
+
+def shard_batch(batch: dict, group=None, layout: str = "zigzag") -> dict:
+    """This rank's shard of a causal-LM batch of (batch, seq) tensors. See NOTE [ Labels under sequence parallelism ].
+
+    Returns ``input_ids`` (and ``inputs_embeds``), ``position_ids`` (global), ``shift_labels`` and
+    ``labels`` (both the shifted labels: transformers computes the loss from ``shift_labels`` when
+    given, and needs ``labels`` to be present). An ``attention_mask`` may only mark right padding:
+    its labels are ignored and causal attention hides it, so no mask is returned. Other padding is
+    refused (use right padding, or packed sequences with restarting ``position_ids``).
+    """
+    sp = _sp(group, layout)
+    known = {"input_ids", "labels", "attention_mask", "position_ids", "inputs_embeds", "shift_labels"}
+    unknown = set(batch) - known
+    if unknown:
+        raise MemoError(f"memo.parallel.shard_batch: keys {sorted(unknown)} are not known; memo shards "
+                        f"{sorted(known)}. Remove them or shard them with shard_sequence")
+    ref = batch.get("input_ids", batch.get("inputs_embeds"))
+    if ref is None:
+        raise MemoError("memo.parallel.shard_batch: the batch has neither input_ids nor inputs_embeds")
+    b, seq = ref.shape[0], ref.shape[1]
+    chunks = num_chunks(sp.size, sp.layout)
+    pad = (-seq) % chunks
+    if pad and not _warned["pad"]:
+        warnings.warn(f"memo.parallel.shard_batch: sequence length {seq} does not split into {chunks} chunks; padding "
+                      f"{pad} token(s) at the end with ignored labels (said once)", stacklevel=2)
+        _warned["pad"] = True
+    out = {}
+    if "shift_labels" in batch:
+        shifted = batch["shift_labels"]
+    elif "labels" in batch:
+        shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    else:
+        shifted = None
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(seq, device=ref.device).expand(b, seq)
+    elif positions.shape[-1] != seq:
+        raise MemoError(f"memo.parallel.shard_batch: position_ids have length {positions.shape[-1]}, the sequence "
+                        f"{seq}")
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.bool().all()):
+        keep = mask.bool()
+        if not bool((keep[:, 1:] <= keep[:, :-1]).all()):
+            raise MemoError("memo.parallel.shard_batch: attention_mask has padding that is not at the end of the "
+                            "sequence; under sequence parallelism use right padding (with labels -100) or pack "
+                            "documents with position_ids restarting at 0")
+        if shifted is not None:   # right padding: its labels are ignored; causal attention hides it
+            shifted = shifted.masked_fill(~torch.nn.functional.pad(keep[:, 1:], (0, 1), value=False), IGNORE_INDEX)
+    for name, x, value in (("input_ids", batch.get("input_ids"), 0), ("inputs_embeds", batch.get("inputs_embeds"), 0),
+                           ("shift_labels", shifted, IGNORE_INDEX), ("position_ids", positions, None)):
+        if x is None:
+            continue
+        if pad:
+            if name == "position_ids":   # padding continues the last document's positions
+                x = torch.cat([x, x[..., -1:] + torch.arange(1, pad + 1, device=x.device)], dim=-1)
+            else:
+                x = torch.nn.functional.pad(x, (0, 0, 0, pad) if x.dim() == 3 else (0, pad), value=value)
+        out[name] = shard_sequence(x, dim=x.dim() - 1 if name == "position_ids" else 1, group=sp)
+    if shifted is not None:
+        out["labels"] = out["shift_labels"]
+    return out
+
+
+def all_reduce_gradients(model: torch.nn.Module, group=None, layout: str = "zigzag") -> None:
+    """Sum every parameter's ``.grad`` over the sequence-parallel group.
+
+    With memo's sequence-parallel loss each rank's backward gives the gradient of its own tokens'
+    share of the full-sequence loss; their sum is the full-sequence gradient. A parameter without a
+    gradient on this rank counts as zeros (it may have one on another rank).
+    """
+    sp = _sp(group, layout)
+    if sp.size == 1:
+        return
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in buckets.values():   # one all-reduce per dtype and device
+        flat = all_reduce(sp, torch.cat([g.reshape(-1) for g in grads]), "all_reduce_gradients")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
