@@ -74,7 +74,13 @@ def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, s
     out.loss.backward()
     all_reduce_gradients(twin)
     st = memo.stats(twin)
-    return {"errors": _errors(out.loss.item(), _grads(twin), ref[0], ref[1], plain[0], plain[1]),
+    # The same op path on one rank holding the whole sequence: a group of this rank alone.
+    alone = [torch.distributed.new_group([r]) for r in range(world)][torch.distributed.get_rank()]
+    one = memo.wrap(copy.deepcopy(model), memo.MemoConfig(sequence_parallel_group=alone, sp_backend=backend,
+                                                          swap_ratio=0.5, keep_last_layers=1 if swap else 4,
+                                                          host_memory_budget="1GiB"))
+    one(**shard_batch({"input_ids": ids, "labels": labels}, group=alone))
+    return {"one_process_swapped_bytes": memo.stats(one).swapped_bytes,"errors": _errors(out.loss.item(), _grads(twin), ref[0], ref[1], plain[0], plain[1]),
             "loss": out.loss.item(), "swapped_bytes": st.swapped_bytes, "recomputed_bytes": st.recomputed_bytes,
             "recompute_calls": _RECOMPUTE["calls"], "recompute_messages": _RECOMPUTE["messages"]}
 

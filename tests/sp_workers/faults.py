@@ -1,0 +1,56 @@
+"""Bad input and faults under sequence parallelism: every rank gets a MemoError, nobody hangs."""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+import memo
+from distributed import save_and_exit
+from memo.attention import ring_attention
+from memo.parallel import sequence_parallel, shard_batch, shard_sequence
+from models import build
+
+
+def _error(fn):
+    start = time.time()
+    try:
+        fn()
+    except memo.MemoError as e:
+        return str(e), time.time() - start
+    return None, time.time() - start
+
+
+def main(rank, world, mode):
+    out = {}
+    if mode == "input":
+        q = lambda s, h=4, dtype=torch.float32: torch.randn(1, s, h, 16, dtype=dtype)  # noqa: E731
+        s = 16 if rank == 0 else 24   # rank 1 holds a longer shard
+        out["length"] = _error(lambda: ring_attention(q(s), q(s), q(s)))
+        dtype = torch.float32 if rank == 0 else torch.float64
+        out["dtype"] = _error(lambda: ring_attention(q(16, dtype=dtype), q(16, dtype=dtype), q(16, dtype=dtype)))
+        out["ulysses_heads"] = _error(lambda: ring_attention(q(16, 3), q(16, 3), q(16, 3), backend="ulysses"))
+        out["indivisible"] = _error(lambda: shard_sequence(torch.zeros(1, 30), 1))
+        model = build("llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
+        out["wrap_ulysses_heads"] = _error(lambda: memo.wrap(model, memo.MemoConfig(
+            sequence_parallel_size=world, sp_backend="ulysses", host_memory_budget="1GiB")))
+        out["wrap_size"] = _error(lambda: memo.wrap(build("llama"), memo.MemoConfig(
+            sequence_parallel_size=3, host_memory_budget="1GiB")))
+        model = memo.wrap(build("llama"), memo.MemoConfig(sequence_parallel_size=world, host_memory_budget="1GiB"))
+        ids = torch.randint(0, 128, (1, 64))
+        shard = shard_batch({"input_ids": ids, "labels": ids})
+        out["unshifted_labels"] = _error(lambda: model(input_ids=shard["input_ids"], labels=shard["labels"]))
+        mask = torch.ones(1, 64 // world, dtype=torch.long)
+        mask[0, 0] = 0
+        out["padding_mask"] = _error(lambda: model(**shard, attention_mask=mask))
+        return out
+    sp = sequence_parallel(backend="ring", timeout_s=5)
+    x = torch.randn(1, 16, 4, 16)
+    ring_attention(x, x, x, group=sp)   # first call: checks shapes across ranks, then one good step
+    dist.barrier()
+    if rank == 1:
+        if mode == "hang":
+            time.sleep(15)
+        save_and_exit(rank, {})          # "die": gone without a word
+    out[mode] = _error(lambda: ring_attention(x, x, x, group=sp))
+    save_and_exit(rank, out)
