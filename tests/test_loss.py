@@ -336,7 +336,9 @@ def test_bad_input_raises_memo_error(kwargs, fragment):
 @pytest.mark.parametrize("chunk", [None, 13])
 def test_memo_wrap_uses_the_chunked_loss_or_leaves_the_models_own(chunk):
     """memo.wrap(..., MemoConfig(loss_chunk_size=...)): chunked loss within the tolerance above;
-    loss_chunk_size=None leaves the model's own head and loss (logits returned, same bits)."""
+    loss_chunk_size=None leaves the model's own head and loss (logits returned, same bits). With
+    keep_last_layers=0 both layers swap every saved activation, so the bits are checked through
+    a swapped backward, not only through layers memo left alone."""
     import memo
     model = _tiny_llama(tie=False)
     gen = torch.Generator().manual_seed(9)
@@ -344,14 +346,20 @@ def test_memo_wrap_uses_the_chunked_loss_or_leaves_the_models_own(chunk):
     labels = _labels(2, 40, gen=gen)
     plain = _model_grads(model, input_ids, labels, None)
 
-    memo.wrap(model, memo.MemoConfig(swap_ratio=1.0, loss_chunk_size=chunk, host_memory_budget="1GiB"))
+    memo.wrap(model, memo.MemoConfig(swap_ratio=1.0, keep_last_layers=0, loss_chunk_size=chunk,
+                                     host_memory_budget="1GiB"))
     try:
         model.zero_grad(set_to_none=True)
         out = model(input_ids, labels=labels)
         out.loss.backward()
         got = (out.loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()})
+        st = memo.stats(model)
     finally:
         memo.unwrap(model)
+    assert len(st.layers) == 2 and st.swap_ratio == 1.0
+    for layer in st.layers:       # every saved activation went through the host pool and back
+        assert not layer.kept and layer.swapped_bytes == layer.activation_bytes > 0, layer
+        assert layer.recomputed_bytes == 0 and layer.resident_bytes == 0, layer
     if chunk is None:
         assert out.logits is not None and out.logits.shape == (2, 40, VOCAB)
         assert got[0].item() == plain[0].item()

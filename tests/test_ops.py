@@ -1,7 +1,10 @@
 """Token-slice pack/unpack: memo._C against the pure-torch reference, bit for bit.
 
 Every case runs through both backends (the C++ op and the fallback, by MEMO_DISABLE_CSRC), and
-each result is compared with a reference computed by narrow + clone.
+each result is compared with a reference computed by narrow + clone. Which backend ran is observed,
+not assumed: ``_OpLog`` (a TorchDispatchMode) records the ops the dispatcher saw, so a case that
+claims the C++ op must see ``memo.pack_tokens`` / ``memo.unpack_tokens`` there, and a fallback case
+must not.
 """
 
 import os
@@ -10,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memo import _ext, ops
 from memo.errors import MemoError
@@ -27,6 +31,28 @@ def backend(request, monkeypatch):
     else:
         monkeypatch.setenv(_ext.DISABLE_ENV, "1")
     return request.param
+
+
+class _OpLog(TorchDispatchMode):
+    """Counts the ops the dispatcher runs inside it, by name (``memo.pack_tokens.default``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] = self.counts.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def native(self) -> tuple[int, int]:
+        """(pack, unpack) calls that reached memo._C's ops."""
+        return self.counts.get("memo.pack_tokens.default", 0), self.counts.get("memo.unpack_tokens.default", 0)
+
+
+def _assert_ran(log: _OpLog, backend: str, packs: int, unpacks: int) -> None:
+    """The C++ ops ran for every call when ``backend`` is csrc, and never for the fallback."""
+    expect = (packs, unpacks) if backend == "csrc" else (0, 0)
+    assert log.native() == expect, (backend, log.counts)
 
 
 def _random_bits(shape, dtype, gen):
@@ -63,6 +89,7 @@ def _same_bits(a, b):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pack_unpack_random_layouts_bit_exact(backend, dtype):
     gen = torch.Generator().manual_seed(1234 + DTYPES.index(dtype))
+    log = _OpLog()
     for _ in range(150):
         src, dim = _random_layout(gen, dtype)
         seq = src.shape[dim]
@@ -70,17 +97,20 @@ def test_pack_unpack_random_layouts_bit_exact(backend, dtype):
         stop = int(torch.randint(start, seq + 1, (), generator=gen))
         ref = src.narrow(dim, start, stop - start).clone()
         out = torch.full((ref.numel(),), 7, dtype=torch.int16 if dtype != torch.float32 else torch.int32).view(dtype)
-        view = ops.pack_tokens(src, dim, start, stop, out)
+        with log:
+            view = ops.pack_tokens(src, dim, start, stop, out)
         assert view.shape == ref.shape and view.data_ptr() == out.data_ptr()
         assert _same_bits(view, ref), (backend, tuple(src.shape), src.stride(), dim, start, stop)
 
         dst = _random_bits(tuple(src.shape), dtype, gen).as_strided(src.shape, src.stride()) \
             if src.is_contiguous() else torch.empty_like(src).copy_(src.flip(dim) if seq else src)
         before = dst.clone()
-        ops.unpack_tokens(out, dst, dim, start)
+        with log:
+            ops.unpack_tokens(out, dst, dim, start)
         expect = before.clone()
         expect.narrow(dim, start, stop - start).copy_(ref)
         assert _same_bits(dst, expect), (backend, tuple(src.shape), dst.stride(), dim, start, stop)
+    _assert_ran(log, backend, 150, 150)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,16 +125,21 @@ def test_llm_layouts(backend, dtype):
         (_random_bits((s, b, heads * d), dtype, gen), 0),
         (_random_bits((b, s, heads * d), dtype, gen).transpose(1, 2), 2),   # token dim innermost, stride h
     ]
+    log = _OpLog()
     for src, dim in cases:
         for start, stop in [(0, s), (37, 300), (299, 300), (120, 120)]:
             ref = src.narrow(dim, start, stop - start).clone()
             out = torch.empty(ref.numel(), dtype=dtype)
-            assert _same_bits(ops.pack_tokens(src, dim, start, stop, out), ref)
+            with log:
+                view = ops.pack_tokens(src, dim, start, stop, out)
+            assert _same_bits(view, ref)
             dst = torch.zeros_like(src)
-            ops.unpack_tokens(out, dst, dim, start)
+            with log:
+                ops.unpack_tokens(out, dst, dim, start)
             expect = torch.zeros_like(src)
             expect.narrow(dim, start, stop - start).copy_(ref)
             assert _same_bits(dst, expect)                      # and nothing outside the slice
+    _assert_ran(log, backend, 4 * len(cases), 4 * len(cases))
 
 
 @needs_csrc
@@ -118,32 +153,35 @@ def test_large_copy_runs_threaded_and_exact(monkeypatch):
              (torch.randn(2, 1500, 32, 128).to(torch.bfloat16).transpose(1, 2), 2, 123, 1499),  # tiled, partial tile
              (torch.randn(3, 2000, 1001).half(), 1, 99, 2000),            # streaming stores, unaligned rows
              (torch.randn(1, 3000, 7, 301).half().transpose(1, 2), 2, 1, 2999)]  # tiled, odd row bytes
+    log = _OpLog()
     for src, dim, start, stop in cases:
         ref = src.narrow(dim, start, stop - start).clone()
         out = torch.empty(ref.numel(), dtype=src.dtype)
-        assert torch.equal(ops.pack_tokens(src, dim, start, stop, out), ref)
+        with log:
+            view = ops.pack_tokens(src, dim, start, stop, out)
+        assert torch.equal(view, ref)
         dst = torch.zeros_like(src)
-        ops.unpack_tokens(out, dst, dim, start)
+        with log:
+            ops.unpack_tokens(out, dst, dim, start)
         assert torch.equal(dst.narrow(dim, start, stop - start), ref)
+    _assert_ran(log, "csrc", len(cases), len(cases))       # the C++ copies ran, not the fallback
 
 
 @needs_csrc
-def test_native_op_is_used_when_active(monkeypatch):
-    calls = []
-    real = torch.ops.memo.pack_tokens
-
-    class Spy:
-        def pack_tokens(self, *args):
-            calls.append(args)
-            return real(*args)
-
-    monkeypatch.setattr(ops, "_native", lambda *t: Spy() if _ext.csrc() is not None else None)
+def test_native_op_is_dispatched_when_active_and_not_when_disabled(monkeypatch):
+    """memo.ops calls torch.ops.memo (seen by the dispatcher) while memo._C is active, and the
+    pure-torch copy (aten.copy_) under MEMO_DISABLE_CSRC=1. Nothing in memo is mocked."""
     src = torch.randn(4, 10)
-    monkeypatch.setenv(_ext.DISABLE_ENV, "0")
-    ops.pack_tokens(src, 1, 2, 5, torch.empty(12))
-    monkeypatch.setenv(_ext.DISABLE_ENV, "1")
-    ops.pack_tokens(src, 1, 2, 5, torch.empty(12))
-    assert len(calls) == 1
+    dst = torch.zeros(4, 10)
+    for flag, backend in (("0", "csrc"), ("1", "fallback")):
+        monkeypatch.setenv(_ext.DISABLE_ENV, flag)
+        out = torch.empty(12)
+        with _OpLog() as log:
+            ops.pack_tokens(src, 1, 2, 5, out)
+            ops.unpack_tokens(out, dst, 1, 2)
+        _assert_ran(log, backend, 1, 1)
+        assert ("aten.copy_.default" in log.counts) is (backend == "fallback"), log.counts
+        assert torch.equal(dst[:, 2:5], src[:, 2:5])
 
 
 def test_bad_arguments_raise_memo_error(backend):
@@ -178,6 +216,11 @@ def test_both_backends_in_fresh_processes_agree(tmp_path):
     pulled from the shared counter), including the tiled and the long-row paths."""
     script = (
         "import sys, torch; from memo import ops, _ext\n"
+        "from torch.utils._python_dispatch import TorchDispatchMode\n"
+        "class Log(TorchDispatchMode):\n"
+        "    names = set()\n"
+        "    def __torch_dispatch__(self, func, types, args=(), kwargs=None):\n"
+        "        self.names.add(str(func)); return func(*args, **(kwargs or {}))\n"
         "g = torch.Generator().manual_seed(3)\n"
         "cases = [(torch.randn(3, 64, 8, 5, generator=g).to(torch.bfloat16).permute(2, 1, 0, 3), 1, 10, 50),\n"
         "         (torch.randn(2, 700, 16, 64, generator=g).to(torch.float16).transpose(1, 2), 2, 33, 700),\n"
@@ -186,9 +229,11 @@ def test_both_backends_in_fresh_processes_agree(tmp_path):
         "res = {'active': _ext.csrc() is not None}\n"
         "for i, (src, dim, a, b) in enumerate(cases):\n"
         "    out = torch.empty(src.numel() // src.shape[dim] * (b - a), dtype=src.dtype)\n"
-        "    ops.pack_tokens(src, dim, a, b, out)\n"
-        "    dst = torch.zeros_like(src); ops.unpack_tokens(out, dst, dim, a)\n"
+        "    dst = torch.zeros_like(src)\n"
+        "    with Log():\n"
+        "        ops.pack_tokens(src, dim, a, b, out); ops.unpack_tokens(out, dst, dim, a)\n"
         "    res[i] = (out, dst)\n"
+        "res['ops'] = sorted(Log.names)\n"
         "torch.save(res, sys.argv[1])\n")
     results = {}
     for flag in ("0", "1"):
@@ -198,6 +243,9 @@ def test_both_backends_in_fresh_processes_agree(tmp_path):
         results[flag] = torch.load(path)
     assert results["1"]["active"] is False
     assert results["0"]["active"] is (_ext._module is not None)
+    native = ["memo.pack_tokens.default", "memo.unpack_tokens.default"]
+    assert not any(n.startswith("memo.") for n in results["1"]["ops"]), results["1"]["ops"]
+    assert all((n in results["0"]["ops"]) is (_ext._module is not None) for n in native), results["0"]["ops"]
     for i in range(4):
         for a, b in zip(results["0"][i], results["1"][i]):
             assert _same_bits(a, b), i

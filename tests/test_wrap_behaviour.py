@@ -1,14 +1,19 @@
 """memo.wrap's contract: bad input refused early, host memory bounded, auto ratio, stats."""
 
 import gc
+import json
+import os
 import resource
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 import memo
-from memo import MemoConfig, MemoError
+from memo import MemoConfig, MemoError, _ext
+from memo.planner.units import format_bytes
 from memo.wrap import runtime_of
 from models import batch, build, run_step, twin
 
@@ -165,10 +170,52 @@ def test_stats_report_what_was_swapped_and_kept():
     for layer in st.layers[3:]:
         assert layer.resident_bytes == layer.activation_bytes > 0 and layer.swapped_bytes == 0
     assert d["host_pool"]["high_water_bytes"] >= sum(layer.swapped_bytes for layer in st.layers)
-    assert "forward_s" in d["step"] and "swap ratio" not in str(st)
-    assert "host pool" in str(st)
+    assert "forward_s" in d["step"]
+    # The text says which ratio the step used, the setting it came from and why; then a row per layer.
+    assert st.swap_ratio == 0.25 and st.swap_ratio_reason
+    lines = str(st).splitlines()
+    assert lines[0] == f"memo: swap_ratio 0.250 (0.25); {st.swap_ratio_reason}"
+    for layer, row in zip(st.layers, lines[2:7]):
+        assert row.split()[:2] == [str(layer.index), "yes" if layer.kept else "no"], row
+        assert format_bytes(layer.swapped_bytes) in row and format_bytes(layer.recomputed_bytes) in row, row
+    assert lines[7].startswith("host pool: reserved ")
+
+
+def _backend_info_in_a_fresh_process(before: str = "", **env) -> dict:
+    """memo.backend_info() of a new interpreter with ``env`` set, after running ``before``."""
+    script = before + "import json, memo; print(json.dumps(memo.backend_info()))"
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env), capture_output=True, text=True,
+                         check=True)
+    return json.loads(run.stdout.splitlines()[-1])
 
 
 def test_backend_info_says_what_runs():
-    info = memo.backend_info()
-    assert info["device"] in ("cpu", "cuda") and "streams" in info
+    """Each backend that does not run says why: MEMO_DISABLE_CSRC=1, a memo._C that does not load,
+    a CPU build of torch (no CUDA part, no streams, no pinned memory)."""
+    on = _backend_info_in_a_fresh_process(MEMO_DISABLE_CSRC="0")
+    off = _backend_info_in_a_fresh_process(MEMO_DISABLE_CSRC="1")
+    missing = _backend_info_in_a_fresh_process("import sys; sys.modules['memo._C'] = None  # import fails\n",
+                                               MEMO_DISABLE_CSRC="0")
+    built = _ext._module is not None
+    assert on["csrc"]["loaded"] is on["csrc"]["active"] is built
+    assert ("reason" in on["csrc"]) is not built
+    assert off["csrc"]["loaded"] is built and off["csrc"]["active"] is False
+    if built:
+        assert off["csrc"]["reason"].startswith("MEMO_DISABLE_CSRC=1: the pure-torch fallbacks"), off["csrc"]
+    assert missing["csrc"]["loaded"] is missing["csrc"]["active"] is False
+    assert missing["csrc"]["reason"].startswith("memo._C did not load"), missing["csrc"]
+    assert "pip install --no-build-isolation -e ." in missing["csrc"]["reason"]
+
+    if torch.version.cuda is None:              # a CPU build of torch
+        assert on["device"] == "cpu" and on["pinned_host_memory"] is False
+        assert on["streams"].startswith("cpu: torch.Stream/torch.Event are no-ops"), on["streams"]
+        if built:
+            assert on["csrc"]["cuda_part"] is False
+            assert "CPU build of torch" in on["csrc"]["cuda_reason"], on["csrc"]
+    elif built:
+        assert ("cuda_reason" in on["csrc"]) is not on["csrc"]["cuda_part"], on["csrc"]
+    try:
+        import flash_attn  # noqa: F401
+        assert on["flash_attn"] == "available"
+    except ImportError:
+        assert on["flash_attn"].startswith("not installed") and "memo[flash]" in on["flash_attn"]
