@@ -128,7 +128,10 @@ def test_end_to_end_llama_gradients(tie):
     ref_loss.backward()
     ref = (ref_loss.detach(), {n: p.grad for n, p in model64.named_parameters()})
 
-    _assert_within_twice_plain(got[0], plain[0], ref[0], "loss")
+    # The loss is one fp32 scalar whose plain error can land far below its own rounding step
+    # (5e-8 at a loss near 5, where one fp32 spacing is 4.8e-7): allow one spacing as a floor.
+    _assert_within_twice_plain(got[0], plain[0], ref[0], "loss",
+                               floor=torch.finfo(torch.float32).eps * abs(ref[0].item()))
     assert set(got[1]) == set(ref[1])
     # Floor: one fp32 ulp of the gradient's largest entry. A different summation order in the head
     # reaches the trunk's parameters through every layer's backward, so for a few tensors (the first
