@@ -169,9 +169,16 @@ _SETUPS: dict[tuple, SequenceParallel] = {}
 
 def setup_for(group, backend: str = "ring", layout: str = "zigzag", ulysses_size: Optional[int] = None
               ) -> SequenceParallel:
-    """``group`` itself if it is a SequenceParallel, else one made once per (group, backend, layout)."""
+    """The SequenceParallel for ``group``: itself if it is one, a memo-wrapped model's, or one made once
+    per (process group, backend, layout)."""
     if isinstance(group, SequenceParallel):
         return group
+    runtime = getattr(group, "_memo_runtime", None)   # a model wrapped by memo.wrap
+    if runtime is not None:
+        if runtime.sp is None:
+            raise MemoError("memo.parallel: this model was wrapped without sequence parallelism; wrap it with "
+                            "MemoConfig(sequence_parallel_size=...) or pass a process group")
+        return runtime.sp
     key = (id(group), backend, layout, ulysses_size)
     if key not in _SETUPS:
         _SETUPS[key] = sequence_parallel(group, backend=backend, layout=layout, ulysses_size=ulysses_size)

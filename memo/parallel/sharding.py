@@ -57,6 +57,9 @@ def gather_sequence(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zi
 def shard_batch(batch: dict, group=None, layout: str = "zigzag") -> dict:
     """This rank's shard of a causal-LM batch of (batch, seq) tensors. See NOTE [ Labels under sequence parallelism ].
 
+    ``group``: a process group (default: the world), a ``SequenceParallel``, or a model wrapped by
+    ``memo.wrap`` with sequence parallelism (its group and layout are used; so in every function here).
+
     Returns ``input_ids`` (and ``inputs_embeds``), ``position_ids`` (global), ``shift_labels`` and
     ``labels`` (both the shifted labels: transformers computes the loss from ``shift_labels`` when
     given, and needs ``labels`` to be present). An ``attention_mask`` may only mark right padding:
