@@ -3,10 +3,10 @@
 NOTE [ Step-time model ]
   1. A layer's forward on one rank: its GEMM FLOPs at ``peak * gemm_eff`` plus its causal
      attention FLOPs (``2 s^2 q`` per sequence, q = heads x head_dim, split evenly over the SP
-     ranks by the zigzag layout) at ``peak * attn_fwd_eff`` (x ``ring_eff`` when sp > 1).
+     ranks by the zigzag layout) at ``peak * attn_fwd_eff`` (x ``ring_eff`` when a ring is
+     involved: NOTE [ SP communication model ] rule 4).
      Backward: twice the FLOPs, attention at ``attn_bwd_eff``.
-  2. Ring attention sends one key/value block per ring step (and, in backward, also its
-     gradient); a step's transfer hides behind that step's attention compute, the excess is exposed.
+  2. Sequence-parallel communication per layer, by backend: see NOTE [ SP communication model ].
   3. Swapped bytes of a layer (input + attention output + LSE in full, alpha of the rest) are
      copied out during the next layer's forward and back in during the next layer's backward;
      the part of a copy longer than that compute is exposed. The last ``keep`` layers are not swapped.
@@ -17,11 +17,35 @@ NOTE [ Step-time model ]
      no recompute, over ``step_time * gpus * peak``.
   6. ZeRO gradient/parameter collectives and the optimizer step are added unhidden; at long
      lengths they are well under 1% of a step.
+
+NOTE [ SP communication model ]
+  P = SP degree, s = S / P tokens per rank, b = micro batch, h / kv = heads / kv heads, d =
+  head_dim, wb = activation bytes. Degrees: ``ring`` is a ring of R = P ranks; ``ulysses`` an
+  all-to-all over U = P ranks; ``hybrid`` Ulysses over U = min(P, GPUs per node) ranks in a node
+  and a ring over R = P / U groups across nodes. Bytes are what one rank sends, per layer.
+  1. Ring (R > 1), zigzag: every rank does 1/R of its attention per ring step. Forward: R - 1
+     steps, each sending one k+v block (2 b s kv d wb; in hybrid the block holds s U tokens of
+     kv / U heads: the same bytes). Backward: R - 1 steps sending the k+v block and, with it, the
+     accumulated dk+dv in fp32 (2 b s kv d 4), then one final step returning dk/dv to their
+     owner. A step's transfer hides behind that step's attention; only the excess is exposed.
+     The final backward step has nothing to hide behind: exposed in full.
+  2. Ulysses (U > 1): all-to-alls over heads, never overlapped with compute (fully exposed).
+     Each rank sends (U - 1) / U of: forward q, k, v (b s (h + 2 kv) d wb), then out
+     (b s h d wb) and LSE (b s h 4) back; backward q, k, v, out, dout, LSE again
+     (b s ((3 h + 2 kv) d wb + 4 h)), then dq, dk, dv back (b s (h + 2 kv) d wb).
+  3. Links: a transfer inside a node runs at ``interconnect_Bps``, across nodes at
+     ``inter_node_Bps``. A ring spanning nodes goes at the speed of its slowest hop. An all-to-all
+     over more ranks than a node holds sends the part for the ranks of its own node over the
+     interconnect and the rest over the inter-node link at the same time: the slower part counts.
+  4. Attention runs at ``ring_eff`` of single-GPU flash attention only when a ring is involved
+     (R > 1); Ulysses runs plain causal flash attention over the full (or, in hybrid, the
+     Ulysses-gathered) sequence on h / U heads, and the work is balanced across ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 from .presets import layer_parameters, mlp_kind, model_parameters
 
@@ -81,6 +105,119 @@ def get_gpu(name: str, **overrides) -> GPUProfile:
 
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+# --- sequence-parallel backends ------------------------------------------------------------------
+
+SP_BACKENDS = ("ring", "ulysses", "hybrid")
+
+
+class SPBackendError(ValueError):
+    """A sequence-parallel backend this model or cluster cannot use; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class SPDegrees:
+    """How the SP degree splits: ``ulysses`` ranks exchange heads by all-to-all (U), ``ring``
+    groups pass key/value blocks (R); ``ulysses * ring`` is the SP degree."""
+
+    backend: str
+    ulysses: int
+    ring: int
+
+
+def sp_degrees(model: dict, sp: int, backend: str = "ring", gpus_per_node: int = 8) -> SPDegrees:
+    """The Ulysses and ring degrees of ``backend`` at SP degree ``sp``; raises ``SPBackendError``
+    for an unknown backend, heads the Ulysses degree does not divide, or a hybrid split that
+    does not divide ``sp``. See NOTE [ SP communication model ]."""
+    if backend not in SP_BACKENDS:
+        raise SPBackendError(f"memo.plan: --sp-backend {backend!r} is not one of {', '.join(SP_BACKENDS)}; pass one "
+                             f"of those (ring, the default, works for any head count)")
+    if backend == "ring":
+        return SPDegrees(backend, 1, sp)
+    u = sp if backend == "ulysses" else min(sp, gpus_per_node)
+    if backend == "hybrid" and sp % u:
+        raise SPBackendError(f"memo.plan: --sp-backend hybrid runs Ulysses over the {u} GPUs of a node and a ring "
+                             f"across nodes, but {u} does not divide --sp {sp}; choose --sp a multiple of {u} (or "
+                             f"--gpus-per-node dividing {sp}), or use --sp-backend ring")
+    bad = [f"{model[k]} {name}" for k, name in (("heads", "heads"), ("kv_heads", "kv heads")) if model[k] % u]
+    if bad:
+        where = "over --sp" if backend == "ulysses" else "over the GPUs of a node (min(--sp, --gpus-per-node))"
+        raise SPBackendError(f"memo.plan: --sp-backend {backend} splits attention heads {where} = {u} ranks, but the "
+                             f"model has {' and '.join(bad)}, not divisible by {u}; use --sp-backend ring, which has "
+                             f"no head-count limit (or an SP degree dividing {model['heads']} heads and "
+                             f"{model['kv_heads']} kv heads)")
+    return SPDegrees(backend, u, sp // u)
+
+
+@dataclass
+class SPComm:
+    """One rank's sequence-parallel communication of one layer. See NOTE [ SP communication model ]."""
+
+    backend: str
+    ulysses_degree: int
+    ring_degree: int
+    ring_fwd_bytes: float          # all ring steps together
+    ring_bwd_bytes: float
+    ring_fwd_transfer_s: float
+    ring_bwd_transfer_s: float
+    ring_fwd_exposed_s: float      # what attention does not hide
+    ring_bwd_exposed_s: float
+    a2a_fwd_bytes: float           # Ulysses all-to-alls, sent by this rank
+    a2a_bwd_bytes: float
+    a2a_fwd_s: float               # never overlapped: all exposed
+    a2a_bwd_s: float
+
+    @property
+    def fwd_exposed_s(self) -> float:
+        return self.ring_fwd_exposed_s + self.a2a_fwd_s
+
+    @property
+    def bwd_exposed_s(self) -> float:
+        return self.ring_bwd_exposed_s + self.a2a_bwd_s
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fwd_exposed_s": self.fwd_exposed_s, "bwd_exposed_s": self.bwd_exposed_s}
+
+
+def _all_to_all_s(nbytes: float, group: int, gpu: GPUProfile, gpus_per_node: int) -> float:
+    """Seconds to send ``nbytes`` (already the (group-1)/group share) in an all-to-all over
+    ``group`` ranks. See NOTE [ SP communication model ] rule 3."""
+    if group <= 1:
+        return 0.0
+    local = min(group, gpus_per_node)
+    intra = nbytes * (local - 1) / (group - 1)
+    return max(intra / gpu.interconnect_Bps, (nbytes - intra) / gpu.inter_node_Bps)
+
+
+def sp_comm(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, sp: int, gpus_per_node: int,
+            backend: str = "ring", attn_fwd_s: float = 0.0, attn_bwd_s: float = 0.0,
+            dtype: str = "bf16") -> SPComm:
+    """Bytes, transfer and exposed seconds of one layer's SP communication on one rank;
+    ``attn_fwd_s`` / ``attn_bwd_s`` are that rank's attention time of the layer, which ring
+    steps hide behind. See NOTE [ SP communication model ]."""
+    deg = sp_degrees(model, sp, backend, gpus_per_node)
+    u, r = deg.ulysses, deg.ring
+    wb = DTYPE_BYTES[dtype]
+    tokens = micro_batch * (seq_len // sp)          # b s
+    h, kv, d = model["heads"], model["kv_heads"], model["head_dim"]
+    ring_part = (0.0,) * 6          # bytes fwd, bwd; transfer s fwd, bwd; exposed s fwd, bwd
+    if r > 1:
+        # Rule 1: the block holds s U tokens of kv / U heads, i.e. b s kv d elements for k and v each.
+        block = 2 * tokens * kv * d * wb
+        dkv = 2 * tokens * kv * d * 4
+        link = gpu.interconnect_Bps if sp <= gpus_per_node else gpu.inter_node_Bps
+        fwd_b, bwd_b = (r - 1) * block, (r - 1) * (block + dkv) + dkv
+        ring_part = (fwd_b, bwd_b, fwd_b / link, bwd_b / link,
+                     (r - 1) * max(0.0, block / link - attn_fwd_s / r),
+                     (r - 1) * max(0.0, (block + dkv) / link - attn_bwd_s / r) + dkv / link)
+    a2a_f = a2a_b = 0.0
+    if u > 1:
+        share = (u - 1) / u
+        a2a_f = share * tokens * ((h + 2 * kv) * d * wb + h * d * wb + 4 * h)
+        a2a_b = share * tokens * ((3 * h + 2 * kv) * d * wb + 4 * h + (h + 2 * kv) * d * wb)
+    return SPComm(backend, u, r, *ring_part, a2a_f, a2a_b, _all_to_all_s(a2a_f, u, gpu, gpus_per_node),
+                  _all_to_all_s(a2a_b, u, gpu, gpus_per_node))
 
 
 # --- model states --------------------------------------------------------------------------------
@@ -143,6 +280,10 @@ class StepTimes:
     layer_recompute_s: float
     ring_exposed_fwd_s: float
     ring_exposed_bwd_s: float
+    ulysses_a2a_fwd_s: float      # per layer, never overlapped
+    ulysses_a2a_bwd_s: float
+    sp_comm_fwd_s: float          # per layer, exposed: ring excess + all-to-alls
+    sp_comm_bwd_s: float
     copy_out_s: float
     copy_in_s: float
     copy_exposed_s: float
@@ -152,31 +293,27 @@ class StepTimes:
     step_time_s: float
     model_flops: float
     mfu: float
+    sp_comm: Optional[SPComm] = None  # the detail behind sp_comm_*_s (its own entry in a plan)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "sp_comm"}
 
 
 def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, sp: int, gpus: int,
               gpus_per_node: int, alpha: float, swap_bytes_fixed: float, swap_bytes_other: float, keep_layers: int,
-              zero_stage: int, offload_optimizer: bool, dtype: str = "bf16") -> StepTimes:
+              zero_stage: int, offload_optimizer: bool, dtype: str = "bf16", sp_backend: str = "ring") -> StepTimes:
     """Predicted time of one training step on one rank. See NOTE [ Step-time model ]."""
     peak = gpu.peak_tflops * 1e12
     n = model["layers"]
     lf = layer_flops(model, seq_len, micro_batch)
-    ring = gpu.ring_eff if sp > 1 else 1.0
+    deg = sp_degrees(model, sp, sp_backend, gpus_per_node)
+    ring = gpu.ring_eff if deg.ring > 1 else 1.0        # NOTE [ SP communication model ] rule 4
     gemm_f = lf["gemm"] / sp / (peak * gpu.gemm_eff)
     attn_f = lf["attention"] / sp / (peak * gpu.attn_fwd_eff * ring)
     attn_b = 2 * lf["attention"] / sp / (peak * gpu.attn_bwd_eff * ring)
     t_fwd, t_bwd = gemm_f + attn_f, 2 * gemm_f + attn_b
-    # Ring: P - 1 transfers of a key/value block of s/P tokens, each behind 1/P of the attention.
-    ring_fwd = ring_bwd = 0.0
-    if sp > 1:
-        wb = DTYPE_BYTES[dtype]
-        kv_block = 2 * micro_batch * (seq_len // sp) * model["kv_heads"] * model["head_dim"] * wb
-        link = gpu.interconnect_Bps if sp <= gpus_per_node else gpu.inter_node_Bps
-        ring_fwd = (sp - 1) * max(0.0, kv_block / link - attn_f / sp)
-        ring_bwd = (sp - 1) * max(0.0, 2 * kv_block / link - attn_b / sp)
+    comm = sp_comm(model, gpu, seq_len=seq_len, micro_batch=micro_batch, sp=sp, gpus_per_node=gpus_per_node,
+                   backend=sp_backend, attn_fwd_s=attn_f, attn_bwd_s=attn_b, dtype=dtype)
     recompute = (1.0 - alpha) * gemm_f
     swapped = swap_bytes_fixed + alpha * swap_bytes_other
     swapped_layers = max(n - keep_layers, 0)
@@ -197,10 +334,11 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
     if zero_stage == 3:
         volume += grad_bytes * (gpus - 1) / gpus      # parameters gathered again for the backward
     collectives = volume / link if gpus > 1 else 0.0
-    total = (n * (t_fwd + t_bwd + recompute) + ring_fwd * n + ring_bwd * n + exposed + head + optimizer
+    total = (n * (t_fwd + t_bwd + recompute + comm.fwd_exposed_s + comm.bwd_exposed_s) + exposed + head + optimizer
              + collectives)
     dp = max(gpus // sp, 1)
     flops = model_flops_per_step(model, seq_len, micro_batch, dp)
     mfu = flops / (total * gpus * peak)
-    return StepTimes(t_fwd, t_bwd, recompute, ring_fwd, ring_bwd, copy, copy, exposed, head, optimizer, collectives,
-                     total, flops, mfu)
+    return StepTimes(t_fwd, t_bwd, recompute, comm.ring_fwd_exposed_s, comm.ring_bwd_exposed_s, comm.a2a_fwd_s,
+                     comm.a2a_bwd_s, comm.fwd_exposed_s, comm.bwd_exposed_s, copy, copy, exposed, head, optimizer,
+                     collectives, total, flops, mfu, comm)

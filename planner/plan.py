@@ -19,6 +19,23 @@ NOTE [ Level-2 step timeline ]
      backward. Its outputs are the saved activations already live at step 0 of ``L{i}.bwd``;
      its transients are forward transients of ``1 - alpha`` of the tokens, smaller than the
      backward's own transients in every profiled layer, so they do not raise the peak.
+
+NOTE [ SP buffers in Level 1 ]
+  The profile runs one layer with plain sdpa at the per-rank length s and adds the ring's
+  in-flight buffers at the attention step when sp > 1 (``memo/profile.py``, NOTE [ Profiler
+  allocation steps ] rule 5). Per backend (degrees: NOTE [ SP communication model ] in cost.py):
+  1. ``ring``: the trace as profiled.
+  2. Ulysses (U > 1) adds, live during the attention step only (kind ``ulysses_buffer``), the
+     head-sharded tensors the attention kernel works on. Each holds s U tokens of heads / U
+     heads, i.e. the bytes of its seq-sharded twin, whatever U is. Forward: gathered q, k, v,
+     the kernel's out and LSE: b s ((2 h + 2 kv) d wb + 4 h). Backward: gathered q, k, v, out,
+     dout, LSE and the kernel's dq, dk, dv: b s ((4 h + 4 kv) d wb + 4 h). The seq-sharded
+     tensors around them (q, k, v, out, LSE, dq, dk, dv) are already in the trace.
+  3. Pure Ulysses (R = 1) has no ring: the profile's ring buffers are dropped. Hybrid (R > 1)
+     keeps them: its ring blocks hold s U tokens of kv / U heads, the same bytes.
+  4. Assumed, not modelled: the contiguous copies an all-to-all may need around its send and
+     receive buffers (at most one more q-sized buffer, b s h d wb, if they are made one tensor at
+     a time) and the communicator's own workspace (inside the runtime reserve).
 """
 
 from __future__ import annotations
@@ -27,7 +44,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from .alpha import solve_alpha
-from .cost import GPUProfile, model_state_bytes, step_time
+from .cost import DTYPE_BYTES, GPUProfile, SPDegrees, model_state_bytes, sp_degrees, step_time
 from .dsa import ProgressFn, align_allocs, solve_layout
 from .layout import Alloc, Layout, live_bytes_over_time
 from .units import format_bytes
@@ -44,9 +61,14 @@ class Cluster:
     host_memory: int                 # bytes per node
     gpus_per_node: int = 8
     reserve_bytes: int = 2 << 30     # CUDA context, NCCL and cuBLAS workspaces: not plannable
+    sp_backend: str = "ring"         # ring (any head count), ulysses or hybrid: NOTE [ SP communication model ]
 
     def __post_init__(self) -> None:
         self.gpus_per_node = min(self.gpus_per_node, self.gpus)
+
+    def sp_degrees(self, model: dict) -> SPDegrees:
+        """Ulysses and ring degrees of this cluster's SP backend; raises ``SPBackendError``."""
+        return sp_degrees(model, self.sp, self.sp_backend, self.gpus_per_node)
 
 
 @dataclass
@@ -68,6 +90,36 @@ def trace_allocs(trace: dict) -> list[Alloc]:
     return align_allocs(allocs, ALIGN)
 
 
+def ulysses_buffer_bytes(profile: dict) -> dict:
+    """Bytes of the head-sharded tensors Ulysses adds during the attention step of the layer's
+    forward and backward (one rank). See NOTE [ SP buffers in Level 1 ] rule 2."""
+    m = profile["model"]
+    tokens = profile["micro_batch"] * profile["local_seq_len"]
+    h, kv, d, wb = m["heads"], m["kv_heads"], m["head_dim"], DTYPE_BYTES[profile["dtype"]]
+    fwd = {"q": h * d * wb, "k": kv * d * wb, "v": kv * d * wb, "out": h * d * wb, "lse": 4 * h}
+    bwd = dict(fwd, dout=h * d * wb, dq=h * d * wb, dk=kv * d * wb, dv=kv * d * wb)
+    return {part: {k: tokens * v for k, v in sizes.items()} for part, sizes in (("forward", fwd), ("backward", bwd))}
+
+
+def layer_allocs(profile: dict, part: str, degrees: Optional[SPDegrees] = None) -> list[Alloc]:
+    """The layer's ``part`` ("forward" or "backward") allocations for this SP backend (None:
+    the profile's ring), aligned. See NOTE [ SP buffers in Level 1 ]."""
+    trace = profile[part]
+    if degrees is None or degrees.ulysses == 1:
+        return trace_allocs(trace)
+    allocs = [a for a in trace["allocs"] if degrees.ring > 1 or a["kind"] != "ring_buffer"]
+    if part == "forward":
+        steps = [a["start"] for a in trace["allocs"] if a["kind"] == "attention_output"]
+    else:
+        steps = [a["start"] for a in trace["allocs"]
+                 if a["kind"] == "ring_buffer" or ("attention" in a.get("op", "") and "backward" in a.get("op", ""))]
+    assert steps, f"memo.plan: the layer's {part} trace has no attention step to place Ulysses buffers at"
+    step, tag = min(steps), part[0]
+    extra = [{"id": f"{tag}u.{name}", "bytes": nbytes, "start": step, "end": step + 1, "kind": "ulysses_buffer"}
+             for name, nbytes in ulysses_buffer_bytes(profile)[part].items()]
+    return trace_allocs({"allocs": allocs + extra})
+
+
 @dataclass
 class Level1:
     forward: Layout
@@ -75,22 +127,27 @@ class Level1:
     embedding_forward: Layout
     embedding_backward: Layout
     head: Layout
+    degrees: Optional[SPDegrees] = None     # the SP split the layer layouts were made for
 
 
-def solve_level1(profile: dict, *, time_limit: float = 60.0, use_mip: bool = True, threads: int = 2,
+def solve_level1(profile: dict, *, degrees: Optional[SPDegrees] = None, time_limit: float = 60.0,
+                 use_mip: bool = True, threads: int = 2,
                  progress: Optional[Callable[[str, float, float], None]] = None) -> Level1:
     """Level 1: one MIP for the layer's forward, one for its backward (each within ``time_limit``);
-    the embedding and head blocks are placed greedily (they hold a handful of tensors)."""
+    the embedding and head blocks are placed greedily (they hold a handful of tensors).
+    ``degrees`` (``Cluster.sp_degrees``; None: a ring of the profile's SP degree) says which
+    SP buffers the layer holds. See NOTE [ SP buffers in Level 1 ]."""
     def prog(name: str) -> Optional[ProgressFn]:
         return None if progress is None else (lambda el, lim: progress(name, el, lim))
-    fwd = solve_layout(trace_allocs(profile["forward"]), time_limit=time_limit, use_mip=use_mip, threads=threads,
-                       progress=prog("layer forward"))
-    bwd = solve_layout(trace_allocs(profile["backward"]), time_limit=time_limit, use_mip=use_mip, threads=threads,
-                       progress=prog("layer backward"))
+    degrees = degrees or SPDegrees("ring", 1, profile["sp"])
+    fwd = solve_layout(layer_allocs(profile, "forward", degrees), time_limit=time_limit, use_mip=use_mip,
+                       threads=threads, progress=prog("layer forward"))
+    bwd = solve_layout(layer_allocs(profile, "backward", degrees), time_limit=time_limit, use_mip=use_mip,
+                       threads=threads, progress=prog("layer backward"))
     quick = dict(use_mip=False)
     return Level1(fwd, bwd, solve_layout(trace_allocs(profile["embedding_forward"]), **quick),
                   solve_layout(trace_allocs(profile["embedding_backward"]), **quick),
-                  solve_layout(trace_allocs(profile["head"]), **quick))
+                  solve_layout(trace_allocs(profile["head"]), **quick), degrees)
 
 
 def swap_sizes(profile: dict) -> tuple[int, int, int]:
@@ -161,6 +218,10 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     n = model["layers"]
     keep = min(opt.keep_layers, n)
     s_in, s_attn, s_other = swap_sizes(prof)
+    degrees = cl.sp_degrees(model)
+    if ctx.level1.degrees is not None and ctx.level1.degrees != degrees:
+        raise ValueError(f"memo.plan: the Level-1 layouts were solved for {ctx.level1.degrees}, the cluster runs "
+                         f"{degrees}; solve them with solve_level1(profile, degrees=cluster.sp_degrees(model))")
     states = model_state_bytes(model, zero_stage=zero_stage, ranks=cl.gpus, offload_optimizer=opt.offload_optimizer,
                                dtype=prof["dtype"])
     host_per_rank_budget = cl.host_memory / cl.gpus_per_node
@@ -168,13 +229,13 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     base = step_time(model, cl.gpu, seq_len=prof["seq_len"], micro_batch=prof["micro_batch"], sp=cl.sp,
                      gpus=cl.gpus, gpus_per_node=cl.gpus_per_node, alpha=1.0, swap_bytes_fixed=s_in + s_attn,
                      swap_bytes_other=s_other, keep_layers=keep, zero_stage=zero_stage,
-                     offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"])
+                     offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"], sp_backend=cl.sp_backend)
     alpha_d = _alpha(ctx, act_budget, base.layer_forward_s)
     alpha = alpha_d["alpha"]
     times = step_time(model, cl.gpu, seq_len=prof["seq_len"], micro_batch=prof["micro_batch"], sp=cl.sp,
                       gpus=cl.gpus, gpus_per_node=cl.gpus_per_node, alpha=alpha, swap_bytes_fixed=s_in + s_attn,
                       swap_bytes_other=s_other, keep_layers=keep, zero_stage=zero_stage,
-                      offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"])
+                      offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"], sp_backend=cl.sp_backend)
     swap_bytes = int(s_in + s_attn + alpha * s_other)   # floor: alpha fills the host budget exactly
     kept_bytes = s_in + s_attn + s_other
     shared = prof["saved_bytes"].get("shared", 0)
@@ -201,19 +262,24 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     curve = live_bytes_over_time(allocs)
     peak_step = max(curve, key=lambda x: x[1])[0] if curve else 0
     at_peak = {a.id: a.bytes for a in allocs if a.start <= peak_step < a.end}
+    # NOTE [ SP buffers in Level 1 ]: what the layer arenas hold for SP, at the attention step.
+    sp_buffers = {part: sum(a.bytes for a in lay.allocs if a.kind in ("ring_buffer", "ulysses_buffer"))
+                  for part, lay in (("forward", ctx.level1.forward), ("backward", ctx.level1.backward))}
     return {
         "memo_plan_version": PLAN_VERSION,
         "model": dict(model),
         "model_name": ctx.model_name,
         "seq_len": prof["seq_len"], "local_seq_len": prof["local_seq_len"], "micro_batch": prof["micro_batch"],
-        "dtype": prof["dtype"], "sp": cl.sp, "gpus": cl.gpus, "gpus_per_node": cl.gpus_per_node,
+        "dtype": prof["dtype"], "sp": cl.sp, "sp_backend": degrees.backend,
+        "sp_degrees": {"ulysses": degrees.ulysses, "ring": degrees.ring},
+        "gpus": cl.gpus, "gpus_per_node": cl.gpus_per_node,
         "gpu": cl.gpu.to_dict(), "host_memory_bytes": int(cl.host_memory), "reserve_bytes": cl.reserve_bytes,
         "zero_stage": zero_stage, "offload_optimizer": opt.offload_optimizer, "keep_layers": keep,
         "alpha": alpha, "alpha_detail": alpha_d,
         "fits": not reasons, "reasons": reasons,
         "predicted": {"step_time_s": times.step_time_s, "mfu": times.mfu, "device_peak_bytes": int(device_peak),
                       "host_bytes": int(host_node), "host_bytes_per_rank": int(host_rank),
-                      "times": times.to_dict()},
+                      "times": times.to_dict(), "sp_comm": times.sp_comm.to_dict()},
         "model_states": states,
         "swap": {"layer_input_bytes": s_in, "attention_output_bytes": s_attn, "other_bytes": s_other,
                  "swapped_bytes_per_layer": swap_bytes, "recomputed_bytes_per_layer": int((1 - alpha) * s_other),
@@ -221,7 +287,7 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
         "layer": {"forward": ctx.level1.forward.to_dict(), "backward": ctx.level1.backward.to_dict(),
                   "embedding_forward_peak_bytes": ctx.level1.embedding_forward.peak,
                   "embedding_backward_peak_bytes": ctx.level1.embedding_backward.peak,
-                  "head_peak_bytes": ctx.level1.head.peak},
+                  "head_peak_bytes": ctx.level1.head.peak, "sp_buffer_bytes": sp_buffers},
         "step": {**{k: v for k, v in level2.to_dict().items()}, "step_labels": labels, "peak_step": peak_step,
                  "live_at_peak": at_peak},
     }
@@ -286,11 +352,14 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
         rows.append(("ZeRO-3 gather buffer", st["zero3_gather"], True))
     lay = plan["layer"]
     peak_ids = list(live)
+    sp_buf = lay.get("sp_buffer_bytes", {})
+    for part, tag in (("forward", ".fwd"), ("backward", ".bwd")):
+        rows.append((f"layer {part} arena (Level 1)", lay[part]["peak_bytes"],
+                     any(k.endswith(tag) and k.startswith("L") for k in peak_ids)))
+        if sp_buf.get(part):
+            # Inside that arena, at the attention step: NOTE [ SP buffers in Level 1 ].
+            rows.append((f"  of which {plan.get('sp_backend', 'ring')} buffers (attention step)", sp_buf[part], False))
     rows += [
-        ("layer forward arena (Level 1)", lay["forward"]["peak_bytes"], any(k.endswith(".fwd") and k.startswith("L")
-                                                                             for k in peak_ids)),
-        ("layer backward arena (Level 1)", lay["backward"]["peak_bytes"], any(k.endswith(".bwd") and k.startswith("L")
-                                                                               for k in peak_ids)),
         ("swap buffer (per layer)", plan["swap"]["swapped_bytes_per_layer"],
          any(k.endswith((".swap_out", ".prefetch")) for k in peak_ids)),
         (f"kept layers ({plan['keep_layers']} x saved activations)",
@@ -305,4 +374,5 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
 
 
 __all__ = ["Cluster", "Options", "PlanContext", "Level1", "solve_level1", "finish_plan", "plan_for_stages",
-           "max_fitting_seq_len", "memory_rows", "step_allocs", "trace_allocs", "swap_sizes", "PLAN_VERSION"]
+           "max_fitting_seq_len", "memory_rows", "step_allocs", "trace_allocs", "layer_allocs", "ulysses_buffer_bytes",
+           "swap_sizes", "PLAN_VERSION"]

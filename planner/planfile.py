@@ -6,13 +6,15 @@ The runtime calls these from ``memo.wrap`` when ``MemoConfig(plan="plan.json")``
     try:
         plan = load_plan(config.plan)
         check_plan_matches(plan, model=model_identity(model.config), seq_len=4096 * 256,
-                           micro_batch=1, dtype="bf16", sp=8)
+                           micro_batch=1, dtype="bf16", sp=8, sp_backend="ring")
     except (PlanFileError, PlanMismatch) as e:
         raise MemoError(str(e)) from e
     alpha = plan["alpha"]
     forward_offsets = {t["id"]: t["offset"] for t in plan["layer"]["forward"]["tensors"]}
 
 ``model_identity`` is ``memo.profile.model_identity`` (a dict of the shape-defining numbers).
+``sp_backend`` is checked only when given; plans written before the field existed were made
+for the ring and read as ``"ring"`` (``plan_sp_backend``).
 
 Layer tensors are listed in allocation order: ``f{k}`` / ``b{k}`` is the k-th storage the
 layer's forward / backward allocates (``b`` ids first list the saved activations live when the
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
+from .cost import SP_BACKENDS
 from .presets import IDENTITY_FIELDS
 from .plan import PLAN_VERSION
 
@@ -35,7 +39,7 @@ class PlanFileError(ValueError):
 
 
 class PlanMismatch(ValueError):
-    """A valid plan made for another model, length, batch, dtype or SP degree."""
+    """A valid plan made for another model, length, batch, dtype, SP degree or SP backend."""
 
 
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
@@ -91,6 +95,9 @@ def _check_schema(plan, where: str) -> None:
     missing = [k for k in IDENTITY_FIELDS if k not in plan["model"]]
     if missing:
         raise PlanFileError(f"memo.plan: {where}: model identity lacks {', '.join(missing)}; {fix}")
+    if plan_sp_backend(plan) not in SP_BACKENDS:
+        raise PlanFileError(f"memo.plan: {where}: sp_backend {plan['sp_backend']!r} is not one of "
+                            f"{', '.join(SP_BACKENDS)}; {fix}")
     if not 0.0 <= float(plan["alpha"]) <= 1.0:
         raise PlanFileError(f"memo.plan: {where}: alpha {plan['alpha']} is outside [0, 1]; {fix}")
     for part in ("forward", "backward"):
@@ -117,9 +124,16 @@ def _dtype(d: str) -> str:
     return _DTYPE_ALIASES.get(d, d)
 
 
-def check_plan_matches(plan: dict, *, model: dict, seq_len: int, micro_batch: int, dtype: str, sp: int) -> None:
+def plan_sp_backend(plan: dict) -> str:
+    """The plan's SP backend; plans older than the field were made for the ring."""
+    return plan.get("sp_backend", "ring")
+
+
+def check_plan_matches(plan: dict, *, model: dict, seq_len: int, micro_batch: int, dtype: str, sp: int,
+                       sp_backend: Optional[str] = None) -> None:
     """Raise ``PlanMismatch`` naming every field where ``plan`` differs from this run
-    (expected = the plan's value, actual = this run's)."""
+    (expected = the plan's value, actual = this run's). ``sp_backend`` is compared only when
+    given: it changes the plan's buffers and times, not the shapes the other fields pin."""
     diffs = []
     for key in IDENTITY_FIELDS:
         if key in model and plan["model"].get(key) != model[key]:
@@ -127,6 +141,8 @@ def check_plan_matches(plan: dict, *, model: dict, seq_len: int, micro_batch: in
     for key, actual in (("seq_len", seq_len), ("micro_batch", micro_batch), ("sp", sp)):
         if plan[key] != actual:
             diffs.append(f"{key}: plan {plan[key]!r}, run {actual!r}")
+    if sp_backend is not None and plan_sp_backend(plan) != sp_backend:
+        diffs.append(f"sp_backend: plan {plan_sp_backend(plan)!r}, run {sp_backend!r}")
     if _dtype(plan["dtype"]) != _dtype(dtype):
         diffs.append(f"dtype: plan {plan['dtype']!r}, run {_dtype(dtype)!r}")
     if diffs:

@@ -75,6 +75,18 @@ M7 = ["--model", "memo-paper-7b", "--host-memory", "2TiB"]
     (M7 + ["--seq-len", "1M", "--swap-ratio", "1.5"], "outside \\[0, 1\\]"),
     (M7 + ["--seq-len", "1M", "--zero-stage", "0", "--offload-optimizer"], "needs ZeRO stage 1, 2 or 3"),
     (["--model", "memo-paper-7b", "--seq-len", "1M"], "--host-memory required"),
+    (M7 + ["--seq-len", "1M", "--sp-backend", "tree"],
+     "--sp-backend 'tree' is not one of ring, ulysses, hybrid; pass one of those"),
+    (["--model", "llama3-8b", "--host-memory", "2TiB", "--seq-len", "1M", "--gpus", "16", "--sp", "16",
+      "--sp-backend", "ulysses"],
+     "8 kv heads, not divisible by 16; use --sp-backend ring, which has no head-count limit"),
+    (["--model", "memo-paper-30b", "--host-memory", "2TiB", "--seq-len", "1M", "--gpus", "16", "--sp", "16",
+      "--sp-backend", "ulysses"], "56 heads and 56 kv heads, not divisible by 16; use --sp-backend ring"),
+    (M7 + ["--seq-len", "768K", "--gpus", "12", "--sp", "12", "--sp-backend", "hybrid"],
+     "Ulysses over the 8 GPUs of a node .* 8 does not divide --sp 12; .* or use --sp-backend ring"),
+    (["--model", "llama3-8b", "--host-memory", "2TiB", "--seq-len", "1M", "--gpus", "32", "--sp", "32",
+      "--gpus-per-node", "16", "--sp-backend", "hybrid"],
+     "= 16 ranks, but the model has 8 kv heads.*--sp-backend ring"),
 ])
 def test_bad_input_exits_2_with_the_fix(capsys, argv, match):
     code, out, err = _run(capsys, *argv, *FAST)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from memo.planner.planfile import PlanFileError, PlanMismatch, check_plan_matches, load_plan, write_plan
+from memo.planner.planfile import (PlanFileError, PlanMismatch, check_plan_matches, load_plan, plan_sp_backend,
+                                   write_plan)
 
 MODEL = {"model_type": "llama", "layers": 32, "hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32,
          "head_dim": 128, "vocab": 32000}
@@ -26,6 +27,27 @@ def test_round_trip_and_match(tmp_path):
     plan = load_plan(str(path))
     assert plan == _plan()
     check_plan_matches(plan, model=MODEL, seq_len=1 << 20, micro_batch=1, dtype="torch.bfloat16", sp=8)
+
+
+def test_sp_backend_round_trip_and_match(tmp_path):
+    path = tmp_path / "plan.json"
+    write_plan(str(path), dict(_plan(), sp_backend="ulysses"))
+    plan = load_plan(str(path))
+    assert plan["sp_backend"] == plan_sp_backend(plan) == "ulysses"
+    check_plan_matches(plan, model=MODEL, seq_len=1 << 20, micro_batch=1, dtype="bf16", sp=8, sp_backend="ulysses")
+    check_plan_matches(plan, model=MODEL, seq_len=1 << 20, micro_batch=1, dtype="bf16", sp=8)   # not checked
+    with pytest.raises(PlanMismatch, match="sp_backend: plan 'ulysses', run 'ring'"):
+        check_plan_matches(plan, model=MODEL, seq_len=1 << 20, micro_batch=1, dtype="bf16", sp=8, sp_backend="ring")
+
+
+def test_plan_without_sp_backend_was_made_for_the_ring(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_plan()))                 # written before the field existed
+    plan = load_plan(str(path))
+    assert "sp_backend" not in plan and plan_sp_backend(plan) == "ring"
+    check_plan_matches(plan, model=MODEL, seq_len=1 << 20, micro_batch=1, dtype="bf16", sp=8, sp_backend="ring")
+    with pytest.raises(PlanMismatch, match="sp_backend: plan 'ring', run 'hybrid'"):
+        check_plan_matches(plan, model=MODEL, seq_len=1 << 20, micro_batch=1, dtype="bf16", sp=8, sp_backend="hybrid")
 
 
 def test_mismatch_names_every_field_that_differs(tmp_path):
@@ -65,6 +87,7 @@ def test_schema_violations_are_refused(tmp_path):
         (lambda p: p["layer"]["forward"]["tensors"][1].update(offset=2048), "lies outside its arena"),
         (lambda p: p["layer"]["backward"]["tensors"][0].pop("offset"), "lacks one of"),
         (lambda p: p["step"].pop("peak_bytes"), "step.peak_bytes"),
+        (lambda p: p.update(sp_backend="tree"), "sp_backend 'tree' is not one of ring, ulysses, hybrid"),
     ]
     for mutate, match in cases:
         plan = _plan()

@@ -16,7 +16,7 @@ import sys
 import time
 
 from memo.errors import MemoError
-from memo.planner.cost import UnknownGPU, get_gpu
+from memo.planner.cost import SP_BACKENDS, SPBackendError, UnknownGPU, get_gpu
 from memo.planner.units import UnitError, format_bytes, parse_bandwidth, parse_bytes, parse_count
 
 
@@ -28,11 +28,16 @@ def plan_command_parser(subparsers) -> None:
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
     p.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all GPUs)")
+    p.add_argument("--sp-backend", default="ring",
+                   help="ring (zigzag ring attention, any head count; default), ulysses (all-to-all over heads: "
+                        "heads and kv heads divisible by --sp) or hybrid (Ulysses inside a node, ring across nodes)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing one host's memory (default 8)")
     p.add_argument("--gpu", default="a800", help="a800, a100-80g, h100, h200 (default a800)")
     p.add_argument("--host-memory", help="host memory per node memo may use: 2TiB, 512GiB")
     p.add_argument("--pcie", default=None, help="achieved host<->GPU bandwidth per GPU, e.g. 25GB/s (GPU default)")
     p.add_argument("--nvlink", default=None, help="GPU<->GPU bandwidth per direction, e.g. 200GB/s (GPU default)")
+    p.add_argument("--inter-node", default=None,
+                   help="GPU<->GPU bandwidth per GPU across nodes, per direction, e.g. 25GB/s (GPU default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
     p.add_argument("--gpu-memory", default=None, help="override the GPU's memory, e.g. 80GiB")
     p.add_argument("--reserve", default="2GiB", help="device memory outside the plan: CUDA context, NCCL (2GiB)")
@@ -90,6 +95,7 @@ def _parse(args):
         reserve = parse_bytes(args.reserve)
         overrides = {"host_link_Bps": parse_bandwidth(args.pcie) if args.pcie else None,
                      "interconnect_Bps": parse_bandwidth(args.nvlink) if args.nvlink else None,
+                     "inter_node_Bps": parse_bandwidth(args.inter_node) if args.inter_node else None,
                      "peak_tflops": args.peak_tflops,
                      "memory_bytes": parse_bytes(args.gpu_memory) if args.gpu_memory else None}
     except UnitError as e:
@@ -118,6 +124,9 @@ def _parse(args):
     if args.offload_optimizer and args.zero_stage == 0:
         raise MemoError("memo.plan: --offload-optimizer needs ZeRO stage 1, 2 or 3; pass --zero-stage 1 or drop "
                         "--zero-stage to let memo choose")
+    if args.sp_backend not in SP_BACKENDS:
+        raise MemoError(f"memo.plan: --sp-backend {args.sp_backend!r} is not one of {', '.join(SP_BACKENDS)}; pass one "
+                        f"of those (ring, the default, works for any head count)")
     if args.time_limit <= 0:
         raise MemoError(f"memo.plan: --time-limit {args.time_limit} must be positive seconds")
     return seq_len, host, reserve, gpu, sp, swap
@@ -140,10 +149,14 @@ def _plan(args) -> int:
         return _show_plan(args)
     seq_len, host, reserve, gpu, sp, swap = _parse(args)
     model = load_model(args.model)
+    cluster = Cluster(gpus=args.gpus, sp=sp, gpu=gpu, host_memory=host, gpus_per_node=args.gpus_per_node,
+                      reserve_bytes=reserve, sp_backend=args.sp_backend)
+    try:
+        degrees = cluster.sp_degrees(model)
+    except SPBackendError as e:
+        raise MemoError(str(e)) from e
     check_seq_len(seq_len, sp)
     progress = _Progress(enabled=True)
-    cluster = Cluster(gpus=args.gpus, sp=sp, gpu=gpu, host_memory=host, gpus_per_node=args.gpus_per_node,
-                      reserve_bytes=reserve)
     options = Options(offload_optimizer=args.offload_optimizer, swap_ratio=swap, keep_layers=args.keep_layers,
                       time_limit=args.time_limit, use_mip=not args.no_mip)
     t0 = time.perf_counter()
@@ -152,7 +165,8 @@ def _plan(args) -> int:
     progress.say(f"profiled one {model['model_type']} layer at {prof['local_seq_len']:,} tokens per rank in "
                  f"{time.perf_counter() - t0:.2f} s ({len(prof['forward']['allocs'])} forward, "
                  f"{len(prof['backward']['allocs'])} backward allocations)")
-    level1 = solve_level1(prof, time_limit=args.time_limit, use_mip=not args.no_mip, progress=progress)
+    level1 = solve_level1(prof, degrees=degrees, time_limit=args.time_limit, use_mip=not args.no_mip,
+                          progress=progress)
     progress.say(f"Level 1 solved: forward {level1.forward.status}; backward {level1.backward.status}")
     ctx = PlanContext(prof, cluster, options, level1, model_name=model.get("name", ""))
     plan, tried = plan_for_stages(ctx, args.zero_stage)
@@ -171,12 +185,16 @@ def _plan(args) -> int:
         """Does the job fit with these changes? Greedy layouts; higher ZeRO stages only lower
         device memory, so with no stage given "some stage fits" is "stage 3 fits"."""
         from memo.planner.plan import finish_plan
+        cl = Cluster(gpus=gpus, sp=sp_, gpu=gpu, host_memory=host_, gpus_per_node=args.gpus_per_node,
+                     reserve_bytes=reserve, sp_backend=args.sp_backend)
+        try:
+            deg = cl.sp_degrees(model)
+        except SPBackendError:
+            return False                    # e.g. more GPUs than the heads allow Ulysses to split over
         pr = profile_model(model, seq_len=s, micro_batch=args.micro_batch, dtype=args.dtype, sp=sp_,
                            loss_chunk=args.loss_chunk).to_dict()
-        cl = Cluster(gpus=gpus, sp=sp_, gpu=gpu, host_memory=host_, gpus_per_node=args.gpus_per_node,
-                     reserve_bytes=reserve)
         opts = Options(offload_optimizer=offload, swap_ratio=swap_, keep_layers=args.keep_layers, use_mip=False)
-        c = PlanContext(pr, cl, opts, solve_level1(pr, use_mip=False))
+        c = PlanContext(pr, cl, opts, solve_level1(pr, degrees=deg, use_mip=False))
         return finish_plan(c, 3 if stage is None else stage)["fits"]
 
     granularity = 2 * sp * -(-8192 // (2 * sp))
@@ -281,8 +299,9 @@ def _report(plan: dict) -> None:
           f"{m['hidden']}, {m['heads']} heads / {m['kv_heads']} kv), {plan['seq_len']:,} tokens x "
           f"{plan['micro_batch']} micro-batch, {plan['dtype']}")
     print(f"cluster:   {plan['gpus']} x {gpu['name']} ({fb(gpu['memory_bytes'])}, {gpu['peak_tflops']:.0f} TFLOP/s, "
-          f"host link {gpu['host_link_Bps'] / 1e9:.0f} GB/s), SP {plan['sp']} ({plan['local_seq_len']:,} tokens per "
-          f"rank), host {fb(plan['host_memory_bytes'])} per node of {plan['gpus_per_node']} GPUs")
+          f"host link {gpu['host_link_Bps'] / 1e9:.0f} GB/s), SP {plan['sp']} {_sp_backend(plan)} "
+          f"({plan['local_seq_len']:,} tokens per rank), host {fb(plan['host_memory_bytes'])} per node of "
+          f"{plan['gpus_per_node']} GPUs")
     chosen = " (chosen: the lowest stage that fits)" if plan.get("zero_stage_chosen") and plan["fits"] else ""
     if plan.get("zero_stage_chosen") and not plan["fits"]:
         chosen = " (no stage fits; showing the highest)"
@@ -316,7 +335,45 @@ def _report(plan: dict) -> None:
     print(f"predicted: step {pr['step_time_s']:.1f} s, MFU {pr['mfu']:.1%}; per layer forward "
           f"{t['layer_forward_s']:.2f} s, backward {t['layer_backward_s']:.2f} s, recompute {t['layer_recompute_s']:.2f} s; copy "
           f"{t['copy_out_s']:.2f} s each way ({exposed})")
+    print(_sp_comm_line(plan))
     if plan.get("max_seq_len") is not None:
         stage = "the same ZeRO stage" if not plan.get("zero_stage_chosen") else "any ZeRO stage"
         print(f"max length: {plan['max_seq_len']:,} tokens fit on this cluster (greedy layouts, {stage}, same options)")
     print(f"fits:      {'yes' if plan['fits'] else 'NO: ' + '; '.join(plan['reasons'])}")
+
+
+def _sp_backend(plan: dict) -> str:
+    """The SP backend, with its split for hybrid; plans older than the field ran the ring."""
+    backend = plan.get("sp_backend", "ring")
+    deg = plan.get("sp_degrees", {"ulysses": 1, "ring": plan["sp"]})
+    if backend == "hybrid":
+        return f"hybrid = Ulysses {deg['ulysses']} in a node x ring {deg['ring']} across nodes"
+    return backend
+
+
+def _sp_comm_line(plan: dict) -> str:
+    """Predicted SP communication per layer: exposed (what compute does not hide), then what is sent."""
+    t = plan["predicted"]["times"]
+    c = plan["predicted"].get("sp_comm")
+    fwd = t.get("sp_comm_fwd_s", t["ring_exposed_fwd_s"])
+    bwd = t.get("sp_comm_bwd_s", t["ring_exposed_bwd_s"])
+    head = (f"SP comm:   {plan.get('sp_backend', 'ring')}, exposed per layer: forward {_secs(fwd)}, "
+            f"backward {_secs(bwd)}")
+    if plan["sp"] == 1:
+        return head + " (no sequence parallelism)"
+    if c is None:
+        return head
+    parts = []
+    if c["ring_degree"] > 1:
+        parts.append(f"ring of {c['ring_degree']}: {format_bytes(c['ring_fwd_bytes'])} / "
+                     f"{format_bytes(c['ring_bwd_bytes'])} in {_secs(c['ring_fwd_transfer_s'])} / "
+                     f"{_secs(c['ring_bwd_transfer_s'])}, overlapped with attention")
+    if c["ulysses_degree"] > 1:
+        parts.append(f"all-to-all over {c['ulysses_degree']}: {format_bytes(c['a2a_fwd_bytes'])} / "
+                     f"{format_bytes(c['a2a_bwd_bytes'])} in {_secs(c['a2a_fwd_s'])} / {_secs(c['a2a_bwd_s'])}, "
+                     f"not overlapped")
+    return head + "\n           sent per layer, forward / backward: " + "; ".join(parts)
+
+
+def _secs(x: float) -> str:
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
