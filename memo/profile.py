@@ -277,11 +277,13 @@ class AllocationRecorder(TorchDispatchMode):
             q, k, v = args[0], args[1], args[2]
             kv = k.numel() * k.element_size() + v.numel() * v.element_size()
             self.add_transient(2 * kv, "ring_buffer", "ring_kv")
-        if "attention_backward" in name and self.sp > 1:
+        if "attention" in name and name.endswith("_backward.default") and self.sp > 1:
+            # (the CPU kernel is ..._flash_attention_for_cpu_backward). dk/dv travel in fp32
+            # (NOTE [ Ring step order ] rule 4 in memo/attention/ring.py).
             k, v = args[2], args[3]
             kv = k.numel() * k.element_size() + v.numel() * v.element_size()
             self.add_transient(2 * kv, "ring_buffer", "ring_kv")
-            self.add_transient(2 * kv, "ring_buffer", "ring_dkv")
+            self.add_transient(2 * (k.numel() + v.numel()) * 4, "ring_buffer", "ring_dkv")
         return out
 
 

@@ -185,7 +185,8 @@ class MemoRuntime:
         try:
             sp = 1 if self.sp is None else self.sp.size
             check_plan_matches(self.plan, model=self.plan["model"], seq_len=call.seq * sp, micro_batch=call.batch,
-                               dtype=str(call.hidden_states.dtype), sp=sp)
+                               dtype=str(call.hidden_states.dtype), sp=sp,
+                               sp_backend=None if self.sp is None else self.sp.backend)
         except PlanMismatch as e:
             raise MemoError(str(e)) from e
 

@@ -55,3 +55,19 @@ def test_corrupt_plan_is_refused(tmp_path, plan_path):
         _wrap(build("llama"), bad)
     with pytest.raises(MemoError, match="cannot read plan file"):
         _wrap(build("llama"), tmp_path / "missing.json")
+
+
+def test_sequence_parallel_plan_is_used_and_another_sp_size_refused(tmp_path, plan_path):
+    from distributed import launch
+    build("llama").config.to_json_file(str(tmp_path / "config.json"))
+    sp_plan = tmp_path / "plan-sp2.json"
+    assert cli(["plan", "--model", str(tmp_path / "config.json"), "--seq-len", "64", "--micro-batch", "1", "--gpus",
+                "2", "--sp", "2", "--gpu", "a100-80g", "--host-memory", "64GiB", "--dtype", "fp32",
+                "--swap-ratio", "0.5", "--time-limit", "2", "--out", str(sp_plan)]) == 0
+    one_rank = tmp_path / "plan-sp1.json"
+    assert cli(["plan", "--model", str(tmp_path / "config.json"), "--seq-len", "64", "--micro-batch", "1", "--gpus",
+                "1", "--sp", "1", "--gpu", "a100-80g", "--host-memory", "64GiB", "--dtype", "fp32",
+                "--swap-ratio", "0.5", "--time-limit", "2", "--out", str(one_rank)]) == 0
+    for res in launch("plan_cases.py", 2, sp_plan=str(sp_plan), one_rank_plan=str(one_rank)):
+        assert res["alpha"] == pytest.approx(0.5) and "from plan" in res["reason"] and res["recomputed"] > 0
+        assert res["refused"] is not None and "sp: plan 1, run 2" in res["refused"]
