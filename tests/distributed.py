@@ -36,8 +36,8 @@ def launch(worker: str, world: int, *, timeout: float = 600, env: dict | None = 
     out = tempfile.mkdtemp(prefix="memo-dist-")
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                 LOCAL_WORLD_SIZE=str(world), MEMO_TEST_OUT=out, MEMO_TEST_KWARGS=json.dumps(kwargs),
-                PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-                **(env or {}))
+                PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    base.update(env or {})
     path = os.path.join(HERE, "sp_workers", worker)
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "distributed.py"), path],
                               env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,

@@ -37,3 +37,18 @@ def test_output_and_gradients_match_single_process_attention(results):
                 if not e["ring"] <= 2 * e["ref32"]:
                     failures.append(f"{_label(case)} {name}: error {e['ring']:.3g} > 2 x plain fp32 {e['ref32']:.3g}")
     assert not failures, f"{world} ranks:\n" + "\n".join(failures)
+
+
+def test_flash_attn_adapter_against_a_standin():
+    """flash-attn cannot be installed here: its adapter runs against a stand-in with its layouts."""
+    import os
+    standins = os.path.join(os.path.dirname(__file__), "standins")
+    per_rank = launch("ring_cases.py", 2, flash_standin=True,
+                      env={"MEMO_ATTENTION_KERNEL": "flash_attn",
+                           "PYTHONPATH": os.pathsep.join([standins, os.path.dirname(__file__),
+                                                          os.path.dirname(os.path.dirname(__file__))])})
+    for res in per_rank:
+        assert res["calls"]["forward"] > 0 and res["calls"]["backward"] > 0, res["calls"]
+        for case, errs in res["results"]:
+            for name, e in errs.items():
+                assert e["ring"] <= 2 * e["ref32"], (_label(case), name, e)

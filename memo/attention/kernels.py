@@ -8,7 +8,8 @@ torch's CPU kernel return lse 0). Returns out (batch, heads, sq, head_dim) in q'
 lse (batch, heads, sq) in fp32.
 
 Kernels: CPU: ``_scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``). CUDA: the flash
-kernel for fp16/bf16 without a mask, the memory-efficient kernel otherwise (fp32, masks). The
+kernel for fp16/bf16 without a mask, the memory-efficient kernel otherwise (fp32, masks). flash-attn
+for unmasked blocks when chosen (``memo.attention.flash``). The
 backward kernels take the *merged* out and lse of all blocks, so each block's gradient is its exact
 share of the full attention's gradient.
 """
@@ -19,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from memo.attention import flash
+
 aten = torch.ops.aten
 
 
@@ -27,6 +30,8 @@ def masked_value(dtype: torch.dtype) -> float:
 
 
 def block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
+    if flash.use_flash(q, mask):
+        return flash.forward(q, k, v, causal=causal, scale=scale)
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         return out, lse.float()
@@ -40,6 +45,8 @@ def block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale:
 
 def block_backward(dout, q, k, v, out, lse, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
     """Gradients (dq, dk, dv) of one block, given the merged ``out`` and ``lse`` of the query rows."""
+    if flash.use_flash(q, mask):
+        return flash.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
     if q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
