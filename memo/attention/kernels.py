@@ -16,6 +16,7 @@ share of the full attention's gradient.
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -25,11 +26,24 @@ from memo.attention import flash
 aten = torch.ops.aten
 
 
+# Host seconds spent in block kernels by this process (benchmarks/ring.py reads them to show the load
+# balance between ranks). On a GPU these are enqueue times, not kernel times.
+KERNEL_SECONDS = {"forward": 0.0, "backward": 0.0}
+
+
 def masked_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
 def block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
+    start = time.perf_counter()
+    try:
+        return _block_forward(q, k, v, causal=causal, mask=mask, scale=scale)
+    finally:
+        KERNEL_SECONDS["forward"] += time.perf_counter() - start
+
+
+def _block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
     if flash.use_flash(q, mask):
         return flash.forward(q, k, v, causal=causal, scale=scale)
     if q.device.type == "cpu":
@@ -45,6 +59,14 @@ def block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale:
 
 def block_backward(dout, q, k, v, out, lse, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
     """Gradients (dq, dk, dv) of one block, given the merged ``out`` and ``lse`` of the query rows."""
+    start = time.perf_counter()
+    try:
+        return _block_backward(dout, q, k, v, out, lse, causal=causal, mask=mask, scale=scale)
+    finally:
+        KERNEL_SECONDS["backward"] += time.perf_counter() - start
+
+
+def _block_backward(dout, q, k, v, out, lse, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
     if flash.use_flash(q, mask):
         return flash.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
     if q.device.type == "cpu":
