@@ -66,3 +66,14 @@ def test_only_kept_layers_stay_resident_and_stats_agree(ratio):
             assert layer.swapped_bytes + layer.recomputed_bytes == layer.activation_bytes
             assert layer.recomputed_bytes == 0 if ratio == 1.0 else layer.recomputed_bytes > 0
     assert st.host_pool["high_water_bytes"] >= st.swapped_bytes
+
+
+def test_memtrack_and_stats_agree_per_rank_under_sequence_parallelism():
+    from distributed import launch
+    for res in launch("memory_cases.py", 2):
+        outside, kept = res[0]["alive"], res[2]
+        assert res[0]["kept_resident"] == 0
+        assert kept["alive"] - outside == kept["kept_resident"] > 0
+        for is_kept, activation, swapped, recomputed in kept["layers"]:
+            if not is_kept:
+                assert swapped + recomputed == activation and recomputed > 0
