@@ -64,12 +64,13 @@ class MemoRuntime:
             hidden_states.requires_grad or any(p.requires_grad for p in layer.parameters()))
         if not saves:
             return original(hidden_states, *args, **kwargs)   # nothing is saved for backward
-        if kwargs.get("past_key_values") is not None:
+        cache_keys = [k for k in ("past_key_values", "cache") if kwargs.get(k) is not None]   # (renamed in 5.x)
+        if cache_keys:
             if not self._cache_warned:
                 warnings.warn("memo: a KV cache was passed to a wrapped layer during training; memo ignores it "
                               "(pass use_cache=False to silence this)", stacklevel=3)
                 self._cache_warned = True
-            kwargs = dict(kwargs, past_key_values=None, use_cache=False)
+            kwargs = dict(kwargs, use_cache=False, **{k: None for k in cache_keys})
         if index == min(self.layers_in_pass()):
             self._start_pass()
         if self.engine is not None:

@@ -158,7 +158,7 @@ class LayerCall:
             raise MemoError("memo.trace: decoder layer got extra positional tensor arguments; memo needs them "
                             "as keywords (attention_mask=..., position_embeddings=...)")
         for name, value in kwargs.items():
-            if name in ("position_embeddings", "position_ids", "attention_mask", "past_key_values"):
+            if name in ("position_embeddings", "position_ids", "attention_mask", "past_key_values", "cache"):
                 continue
             if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and any(
                     isinstance(v, torch.Tensor) for v in value)):
@@ -189,7 +189,7 @@ class LayerCall:
                 out[name] = value[..., :stop]
             elif name == "attention_mask" and value is not None:
                 out[name] = value[..., :stop, :stop]
-            elif name == "past_key_values":
+            elif name in ("past_key_values", "cache"):
                 out[name] = None
             else:
                 out[name] = value
@@ -348,7 +348,7 @@ def trace_layer(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall
             return fakes[id(t)] if id(t) in fakes else mode.from_tensor(t)
 
         hidden = fake(call.hidden_states.detach()).requires_grad_(call.hidden_states.requires_grad)
-        full_kwargs = dict(call.kwargs, past_key_values=None) if "past_key_values" in call.kwargs else dict(call.kwargs)
+        full_kwargs = {k: (None if k in ("past_key_values", "cache") else v) for k, v in call.kwargs.items()}
         full_kwargs = {k: (fake(v) if isinstance(v, torch.Tensor) else
                            tuple(fake(x) for x in v) if isinstance(v, tuple) else v) for k, v in full_kwargs.items()}
         fake_call = LayerCall(hidden, call.args, full_kwargs)

@@ -162,8 +162,7 @@ def _check_chunkable(model: torch.nn.Module) -> None:
 
 
 def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_mask=None, position_ids=None,
-                       past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                       **kwargs):
+                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """The CausalLM forward with the LM head and loss computed in chunks when labels are given.
 
     Under sequence parallelism the loss is the whole sequence's on every rank (NOTE [ Sequence-parallel loss ]).
@@ -171,8 +170,7 @@ def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_ma
     if labels is None:
         return runtime.original_model_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs)
+            inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from memo.loss import chunked_causal_lm_loss, head_options_from_config
@@ -184,12 +182,12 @@ def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_ma
     if runtime.config.loss_chunk_size is None:
         out = runtime.original_model_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
             logits_to_keep=logits_to_keep, num_items_in_batch=num_items, shift_labels=shift_labels, **kwargs)
         out.loss = _sequence_parallel_loss(runtime, out.loss)
         return out
     outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                          inputs_embeds=inputs_embeds,
                           use_cache=False if use_cache is None else use_cache, **kwargs)
     hidden = outputs.last_hidden_state
     loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, None if shift_labels is not None else labels,
@@ -197,7 +195,9 @@ def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_ma
                                   bias=model.lm_head.bias, num_items_in_batch=num_items, shift_labels=shift_labels,
                                   **head_options_from_config(model.config))
     loss = _sequence_parallel_loss(runtime, loss)
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+    # (the cache field: "cache" since transformers 5.x, a cache passed in as "past_key_values" or "cache"
+    # travels in **kwargs)
+    return CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 

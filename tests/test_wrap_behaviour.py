@@ -219,3 +219,19 @@ def test_backend_info_says_what_runs():
         assert on["flash_attn"] == "available"
     except ImportError:
         assert on["flash_attn"].startswith("not installed") and "memo[flash]" in on["flash_attn"]
+
+
+def test_a_kv_cache_during_training_is_dropped_with_a_warning():
+    """HF configs default to use_cache=True: the model then hands every layer a cache (``cache=``
+    since transformers 5.x). A cache would keep every layer's keys and values alive; memo drops it."""
+    model = build("llama", use_cache=True)
+    plain = twin(model)
+    # the model's own loss (the chunked loss calls the decoder stack with use_cache=False itself)
+    memo.wrap(model, memo.MemoConfig(swap_ratio=0.5, keep_last_layers=1, host_memory_budget="1GiB",
+                                     loss_chunk_size=None))
+    micro = batch(1, 32)
+    with pytest.warns(UserWarning, match="KV cache was passed to a wrapped layer"):
+        losses, grads = run_step(model, [micro])
+    plain_losses, plain_grads = run_step(plain, [micro])
+    assert abs(losses[0].item() - plain_losses[0].item()) < 1e-5
+    assert memo.stats(model).swapped_bytes > 0
