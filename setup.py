@@ -76,7 +76,8 @@ setup(
     python_requires=">=3.10",
     packages=["memo", "memo.swap", "memo.cli", "memo.planner", "memo.integrations"],
     package_dir={"memo.planner": "planner", "memo.integrations": "integrations"},
-    install_requires=["torch>=2.6", "transformers>=4.56", "accelerate", "mip>=1.15", "safetensors", "numpy"],
+    install_requires=["torch>=2.6", "transformers>=4.56", "accelerate", "mip>=1.15", "safetensors", "numpy",
+                      "pyyaml"],
     extras_require={
         "flash": ["flash-attn"],
         "deepspeed": ["deepspeed"],

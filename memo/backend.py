@@ -12,7 +12,9 @@ def backend_info() -> dict:
 
     ``csrc``: whether ``memo._C`` loaded (``loaded``), is in use (``active``; off under
     ``MEMO_DISABLE_CSRC=1``), has its CUDA part (``cuda_part``), and ``reason`` /
-    ``cuda_reason`` when not.
+    ``cuda_reason`` when not. ``accelerate`` / ``deepspeed``: installed versions (read from the
+    package metadata, without importing them). ``sp_backends``: each sequence-parallel attention
+    backend and whether it can run here.
     """
     accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     info = {
@@ -28,4 +30,27 @@ def backend_info() -> dict:
         info["flash_attn"] = "available"
     except ImportError:
         info["flash_attn"] = "not installed (optional extra: pip install 'memo[flash]')"
+    info["accelerate"] = _version("accelerate", "not installed (pip install accelerate)")
+    info["deepspeed"] = _version("deepspeed", "not installed (optional extra: pip install 'memo[deepspeed]')")
+    info["sp_backends"] = _sp_backends(info["flash_attn"])
     return info
+
+
+def _version(package: str, missing: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return missing
+
+
+def _sp_backends(flash_attn: str) -> dict:
+    """ring / ulysses / hybrid run on torch's own attention kernels with LSE wherever torch.distributed exists."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        why = "not available: this torch is built without torch.distributed"
+        return {"ring": why, "ulysses": why, "hybrid": why, "flash_attn": flash_attn}
+    return {"ring": "available (torch flash kernels with LSE, ring of point-to-point exchanges)",
+            "ulysses": "available (all-to-all over attention heads; heads must split over the ranks)",
+            "hybrid": "available (Ulysses inside a node, ring across nodes)",
+            "flash_attn": flash_attn}

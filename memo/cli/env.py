@@ -1,4 +1,4 @@
-"""``memo env``: which backends memo uses on this machine."""
+"""``memo env``: which backends memo uses on this machine, and the versions of its integrations."""
 
 from __future__ import annotations
 
@@ -19,5 +19,11 @@ def env_command(args) -> int:
     else:
         width = max(len(k) for k in info)
         for k, v in info.items():
-            print(f"{k:<{width}}  {v}")
+            if isinstance(v, dict):   # one line per entry, indented under the key
+                print(k)
+                inner = max(len(str(i)) for i in v)
+                for i, x in v.items():
+                    print(f"  {i:<{inner}}  {x}")
+            else:
+                print(f"{k:<{width}}  {v}")
     return 0

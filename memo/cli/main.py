@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each entry: module under memo.cli defining `<name>_command_parser(subparsers)`.
-SUBCOMMANDS = ["env", "plan"]
+SUBCOMMANDS = ["env", "plan", "launch"]
 
 
 def build_parser() -> argparse.ArgumentParser:

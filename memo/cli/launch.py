@@ -1,0 +1,163 @@
+"""``memo launch``: ``accelerate launch`` with a config file that also holds memo's settings.
+
+    memo launch --config_file memo.yaml train.py --max-steps 100
+
+``memo.yaml`` is an ordinary ``accelerate config`` file plus a ``memo:`` section of
+``memo.integrations.accelerate.MemoPlugin`` fields. memo reads it with ``yaml.safe_load``, checks the
+section (unknown key, wrong type, a sequence-parallel size that does not divide ``num_processes``:
+refused with exit code 2 before any process starts), writes the rest to a temporary file for
+Accelerate, exports the settings as ``MEMO_*`` variables (``MemoPlugin()`` reads them in every
+process) and runs ``accelerate launch --config_file TMP train.py ARGS`` as an argument list, never
+through a shell. The exit code is the job's.
+
+# NOTE [ Multi-CPU on one machine ]
+#
+# 1. ``accelerate launch`` (1.15) starts a MULTI_CPU job's processes only through mpirun (an
+#    ``mpirun_hostfile``); without one it runs ONE process, whatever ``num_processes`` says.
+# 2. For a one-machine MULTI_CPU config without a hostfile, memo adds ``--multi_gpu``, which makes
+#    Accelerate start ``num_processes`` processes through torch.distributed.run (RANK, LOCAL_RANK,
+#    WORLD_SIZE, MASTER_* set), and exports ``ACCELERATE_USE_CPU=true``, so that ``Accelerator()``
+#    in each of them picks MULTI_CPU over gloo. The config file itself is passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from memo.errors import MemoError
+
+
+def launch_command_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "launch", help="run a training script with accelerate launch and memo's settings from the config file",
+        description="Run `accelerate launch` with an accelerate config file that also has a `memo:` section "
+                    "(MemoPlugin fields, exported as MEMO_* variables).")
+    p.add_argument("--config_file", "--config-file", required=True,
+                   help="accelerate config YAML with an optional `memo:` section")
+    p.add_argument("--dry-run", "--dry_run", action="store_true",
+                   help="print the command, the MEMO_* variables and Accelerate's config, and exit 0")
+    p.add_argument("--json", action="store_true", help="print the launch (or dry run) as one JSON object")
+    p.add_argument("script", help="the training script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(func=launch_command)
+
+
+def accelerate_cli() -> list[str]:
+    """How to run ``accelerate launch`` from this Python: its module, or the console script beside it."""
+    import importlib.util
+    if importlib.util.find_spec("accelerate.commands.launch") is not None:
+        return [sys.executable, "-m", "accelerate.commands.launch"]
+    script = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    if os.path.isfile(script):
+        return [script, "launch"]
+    raise MemoError("memo.launch: Accelerate is not installed for " + sys.executable + "; pip install accelerate")
+
+
+def read_config(path: str) -> tuple[dict, dict]:
+    """(Accelerate's part of the config, memo's checked settings); MemoError for anything memo refuses."""
+    import yaml
+
+    from memo.integrations.accelerate import check_settings
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise MemoError(f"memo.launch: cannot read --config_file {path!r} ({e.strerror}); pass an accelerate "
+                        f"config YAML (see examples/accelerate/memo_cpu.yaml)") from e
+    except yaml.YAMLError as e:
+        raise MemoError(f"memo.launch: {path} is not valid YAML ({e}); fix the file") from e
+    if not isinstance(data, dict):
+        raise MemoError(f"memo.launch: {path} must hold a mapping of accelerate settings (compute_environment, "
+                        f"num_processes, ...) and a `memo:` section, got {type(data).__name__}")
+    data = dict(data)
+    settings = check_settings(data.pop("memo", None), where="memo")
+    processes = data.get("num_processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise MemoError(f"memo.launch: num_processes={processes!r} in {path} must be an integer >= 1 (all processes "
+                        f"of the job, over all machines)")
+    sp = settings.get("sequence_parallel_size", 1)
+    if processes % sp:
+        divisors = [d for d in range(1, processes + 1) if processes % d == 0]
+        raise MemoError(f"memo.launch: memo.sequence_parallel_size={sp} does not divide num_processes={processes} in "
+                        f"{path}; set memo.sequence_parallel_size to one of {divisors}, or num_processes to a "
+                        f"multiple of {sp}")
+    if settings.get("plan") and not os.path.isabs(settings["plan"]):
+        settings["plan"] = os.path.abspath(settings["plan"])   # the script may change directory
+    return data, settings
+
+
+def _multi_cpu_one_machine(config: dict) -> bool:
+    """See NOTE [ Multi-CPU on one machine ] rule 1."""
+    machines = config.get("num_machines") or 1
+    mpirun = config.get("mpirun_config") or {}
+    return (str(config.get("distributed_type", "")).upper() == "MULTI_CPU" and config.get("num_processes", 1) > 1
+            and isinstance(machines, int) and machines <= 1
+            and not (isinstance(mpirun, dict) and mpirun.get("mpirun_hostfile")))
+
+
+def plan_launch(config: dict, settings: dict, config_path: str, script: str, script_args: list[str]) -> dict:
+    """The command (a list), the variables to export and what they mean; nothing is written or run."""
+    from memo.integrations.accelerate import settings_env
+    cmd = accelerate_cli() + ["--config_file", config_path]
+    env = settings_env(settings)
+    if _multi_cpu_one_machine(config):   # NOTE [ Multi-CPU on one machine ] rule 2
+        cmd.append("--multi_gpu")
+        env["ACCELERATE_USE_CPU"] = "true"
+    cmd += [script, *script_args]
+    processes = config.get("num_processes", 1)
+    sp = settings.get("sequence_parallel_size", 1)
+    return {"command": cmd, "env": env, "accelerate_config": config, "memo": settings, "num_processes": processes,
+            "sequence_parallel_size": sp, "data_parallel_size": processes // sp}
+
+
+def _describe(launch: dict) -> str:
+    s = launch["memo"]
+    sp = launch["sequence_parallel_size"]
+    parts = [f"{launch['num_processes']} process(es)"]
+    if sp > 1:
+        parts.append(f"data parallel {launch['data_parallel_size']} x sequence parallel {sp} "
+                     f"({s.get('sp_backend', 'ring')}, {s.get('sp_layout', 'zigzag')})")
+    env = " ".join(f"{k}={v}" for k, v in launch["env"].items()) or "(no memo settings)"
+    return f"memo launch: {', '.join(parts)}; {env}\nmemo launch: {shlex.join(launch['command'])}"
+
+
+def launch_command(args) -> int:
+    try:
+        config, settings = read_config(args.config_file)
+        if not os.path.isfile(args.script):
+            raise MemoError(f"memo.launch: script {args.script!r} does not exist; pass the path of a training script")
+        if args.dry_run:
+            launch = plan_launch(config, settings, "<temporary accelerate config>", args.script, args.script_args)
+            if args.json:
+                print(json.dumps(launch, indent=2, sort_keys=True))
+            else:
+                print(_describe(launch))
+                print("memo launch: accelerate config (memo section removed):")
+                import yaml
+                print(yaml.safe_dump(config, sort_keys=False).rstrip())
+            return 0
+    except MemoError as e:
+        sys.stderr.write(f"{e}\n")
+        return 2
+    tmp = tempfile.mkdtemp(prefix="memo-launch-")
+    try:
+        import yaml
+        path = os.path.join(tmp, "accelerate_config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        launch = plan_launch(config, settings, path, args.script, args.script_args)
+        sys.stderr.write((json.dumps(launch, sort_keys=True) if args.json else _describe(launch)) + "\n")
+        sys.stderr.flush()
+        try:
+            return subprocess.run(launch["command"], env={**os.environ, **launch["env"]}).returncode
+        except KeyboardInterrupt:
+            return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
