@@ -32,6 +32,9 @@ def test_other_bad_input_names_the_fix(inputs):
     assert msg is not None and "sequence_parallel_size=3 does not divide the world size 2" in msg
     msg, _ = inputs[0]["unshifted_labels"]
     assert msg is not None and "shift_labels" in msg and "shard_batch" in msg
+    for rank in (0, 1):
+        msg, _ = inputs[rank]["different_batches"]
+        assert msg is not None and "were given different batches" in msg and "rank 1: batch x seq 1 x 64" in msg
     msg, _ = inputs[0]["padding_mask"]
     assert msg is not None and "attention_mask must be all ones" in msg
 

@@ -76,6 +76,7 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag") -> dict:
     if ref is None:
         raise MemoError("memo.parallel.shard_batch: the batch has neither input_ids nor inputs_embeds")
     b, seq = ref.shape[0], ref.shape[1]
+    _check_same_batch(sp, ref)
     chunks = num_chunks(sp.size, sp.layout)
     pad = (-seq) % chunks
     if pad and not _warned["pad"]:
@@ -117,6 +118,24 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag") -> dict:
     if shifted is not None:
         out["labels"] = out["shift_labels"]
     return out
+
+
+def _check_same_batch(sp: SequenceParallel, ref: torch.Tensor) -> None:
+    """Every rank of a group must shard the same full batch; a loader split over all ranks would not."""
+    if sp.size == 1:
+        return
+    if ref.is_floating_point():
+        digest = ref.detach().double().sum().reshape(1).view(torch.int64)
+    else:
+        weights = torch.arange(1, ref.shape[1] + 1, device=ref.device, dtype=torch.int64) % 9973 + 1
+        digest = (ref.long() * weights).sum().reshape(1)
+    mine = torch.cat([torch.tensor(ref.shape[:2], device=ref.device), digest.to(ref.device)])
+    got = [g.cpu().tolist() for g in all_gather(sp, mine, "shard_batch check")]
+    if any(g != got[0] for g in got):
+        rows = "; ".join(f"rank {sp.ranks[i]}: batch x seq {g[0]} x {g[1]}, digest {g[2]}" for i, g in enumerate(got))
+        raise MemoError(f"memo.parallel.shard_batch: the ranks of one sequence-parallel group were given different "
+                        f"batches ({rows}); give every rank of a group the same full batch (split the data over "
+                        f"data-parallel replicas only, e.g. memo.integrations.accelerate.prepare)")
 
 
 def all_reduce_gradients(model: torch.nn.Module, group=None, layout: str = "zigzag") -> None:

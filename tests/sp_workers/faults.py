@@ -40,6 +40,8 @@ def main(rank, world, mode):
         ids = torch.randint(0, 128, (1, 64))
         shard = shard_batch({"input_ids": ids, "labels": ids})
         out["unshifted_labels"] = _error(lambda: model(input_ids=shard["input_ids"], labels=shard["labels"]))
+        mine = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(rank))
+        out["different_batches"] = _error(lambda: shard_batch({"input_ids": mine, "labels": mine}))
         mask = torch.ones(1, 64 // world, dtype=torch.long)
         mask[0, 0] = 0
         out["padding_mask"] = _error(lambda: model(**shard, attention_mask=mask))
