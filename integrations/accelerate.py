@@ -296,7 +296,7 @@ def skip_first_batches(accelerator, dataloader, num_batches: int):
     return accelerator.skip_first_batches(dataloader, num_batches)
 
 
-def _sum_over_sequence_mean_over_data(state, bucket):
+def sum_over_sequence_mean_over_data(state, bucket):
     """DDP communication hook. See NOTE [ Gradients under data x sequence parallelism ] rule 3."""
     import torch.distributed as dist
     replicas = state
@@ -355,7 +355,7 @@ def _reduce_over_data_parallel_only(model, replicas: int, world: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
     if isinstance(model, DistributedDataParallel):
         try:
-            model.register_comm_hook(replicas, _sum_over_sequence_mean_over_data)
+            model.register_comm_hook(replicas, sum_over_sequence_mean_over_data)
         except RuntimeError as e:   # DDP takes one hook: the user gave Accelerate one already
             raise MemoError("memo.integrations.accelerate.prepare: DDP already has a communication hook (from "
                             "DistributedDataParallelKwargs(comm_hook=...)); under sequence parallelism memo "

@@ -1,0 +1,91 @@
+"""Checkpoints under sequence parallelism on every rank (see tests/test_checkpoint.py).
+
+1. ``save_pretrained`` by rank 0 of a wrapped SP model, ``from_pretrained`` + ``memo.wrap`` on every
+   rank: identical parameters and an identical (global) loss.
+2. Resume: N steps uninterrupted against K steps, ``save_checkpoint``, fresh objects, load, N - K
+   steps. numpy is seeded per rank (each rank masks labels of its own tokens), so each rank must get
+   its own stream back; as a control, every rank continuing with rank 0's numpy stream differs.
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from transformers import LlamaForCausalLM
+
+import memo
+from memo.integrations.checkpoint import load_checkpoint, save_checkpoint
+from memo.parallel import shard_batch
+from sp_workers import ckpt_loop
+
+N, K = 5, 2
+
+
+def pretrained_round_trip(path: str, world: int) -> dict:
+    model, _, _ = ckpt_loop.make(model_seed=0, sp=world)
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(5))
+    shard = shard_batch({"input_ids": ids, "labels": ids}, group=model)
+    loss = model(**shard).loss
+    if dist.get_rank() == 0:
+        model.save_pretrained(path)
+    dist.barrier()
+    fresh = LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    memo.wrap(fresh, ckpt_loop.config(world))
+    got = dict(fresh.named_parameters())
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    with open(os.path.join(path, "config.json")) as f:
+        assert "memo" not in f.read(), "memo's attention implementation must not be saved in the config"
+    return {"pretrained_params_equal": set(got) == {n for n, _ in model.named_parameters()} and all(
+                torch.equal(got[n], p) for n, p in model.named_parameters()),
+            "pretrained_loss_equal": torch.equal(fresh(**shard).loss, loss),
+            "pretrained_keys": keys}
+
+
+def _numpy_of_rank0() -> None:
+    """Give this rank rank 0's numpy stream (the control: what a rank-0-only RNG save would do)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    t = torch.from_numpy(np.concatenate([keys.astype(np.int64), [pos, has_gauss]]))
+    dist.broadcast(t, src=0)
+    gauss = torch.tensor([cached], dtype=torch.float64)
+    dist.broadcast(gauss, src=0)
+    np.random.set_state((name, t[:-2].numpy().astype(np.uint32), int(t[-2]), int(t[-1]), float(gauss)))
+
+
+def resume(path: str, world: int, rank: int) -> dict:
+    def seed(s):
+        ckpt_loop.seed_all(s, numpy_seed=s * 10 + rank)
+
+    seed(0)
+    model, opt, sched = ckpt_loop.make(model_seed=0, sp=world)
+    full = ckpt_loop.train(model, opt, sched, N, {"cursor": 0}, sp=True)
+
+    seed(0)
+    model, opt, sched = ckpt_loop.make(model_seed=0, sp=world)
+    data = {"cursor": 0}
+    first = ckpt_loop.train(model, opt, sched, K, data, sp=True)
+    keys = torch.from_numpy(np.random.get_state()[1].astype(np.int64))
+    every = [torch.empty_like(keys) for _ in range(world)]
+    dist.all_gather(every, keys)
+    save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, step=K, data_state=data)
+
+    results = {}
+    for control in (False, True):
+        seed(99)
+        model, opt, sched = ckpt_loop.make(model_seed=1, sp=world)
+        state = load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+        assert state["step"] == K
+        if control:
+            _numpy_of_rank0()
+        rest = ckpt_loop.train(model, opt, sched, N - K, state["data_state"], sp=True)
+        results["with_rank0_numpy" if control else "resumed"] = rest if control else first + rest
+    results.update(full=full, numpy_differs_between_ranks=not torch.equal(every[0], every[1]))
+    return results
+
+
+def main(rank, world, path):
+    out = pretrained_round_trip(os.path.join(path, "pretrained"), world)
+    out.update(resume(os.path.join(path, "ckpt"), world, rank))
+    return out
