@@ -80,7 +80,7 @@ setup(
                       "pyyaml"],
     extras_require={
         "flash": ["flash-attn"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed>=0.19"],   # tested: 0.19.8 (ZeRO-3 leaf_module config, the Ulysses mpu)
         "dev": ["pytest", "matplotlib", "ninja"],
     },
     entry_points={"console_scripts": ["memo = memo.cli.main:main"]},
