@@ -146,8 +146,9 @@ class LayerCall:
 
     hidden_states: (batch, seq, hidden). Known tensor keyword arguments: ``position_embeddings``
     (cos, sin), each (batch or 1, seq, head_dim); ``position_ids`` (batch or 1, seq);
-    ``attention_mask`` None or (batch, 1, seq, seq). Any other tensor argument is refused, since
-    memo would not know how to slice it for recomputation.
+    ``attention_mask`` None or (batch, 1, seq, seq). Scalars (0-dim tensors such as
+    ``num_items_in_batch``) pass through unsliced. Any other tensor argument is refused, since memo
+    would not know how to slice it for recomputation.
     """
 
     def __init__(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> None:
@@ -160,6 +161,8 @@ class LayerCall:
         for name, value in kwargs.items():
             if name in ("position_embeddings", "position_ids", "attention_mask", "past_key_values", "cache"):
                 continue
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                continue   # a scalar (num_items_in_batch, which HF hands to every layer): not per token
             if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and any(
                     isinstance(v, torch.Tensor) for v in value)):
                 raise MemoError(f"memo.trace: decoder layer argument {name!r} is a tensor memo cannot slice by "

@@ -93,12 +93,18 @@ def _layer_forward(runtime: MemoRuntime, index: int, layer: torch.nn.Module, hid
     return runtime.run_layer(index, layer, hidden_states, args, kwargs)
 
 
+_LOSS_ONLY = ("shift_labels", "num_items_in_batch")
+
+
 def _decoder_stack_forward(runtime: MemoRuntime, *args, **kwargs):
     """The decoder stack's forward; whether it returns or raises, the in-flight layers are drained.
 
     Draining on an exception matters: an in-flight layer references its saved tensors, whose
     autograd nodes reference the layer's handles, a cycle that only the release breaks.
     """
+    # Loss-only arguments: transformers' CausalLM forward hands its **kwargs to the decoder stack
+    # too; no layer reads them, and memo could not slice a per-token one for recomputation.
+    kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
     try:
         if runtime.sp is not None:
             kwargs = _sequence_parallel_call(runtime, args, kwargs)

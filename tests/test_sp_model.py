@@ -18,7 +18,8 @@ def results(request):
     return request.param, launch("model_cases.py", request.param)
 
 
-STEPS = ("llama-swap", "llama-noswap", "mistral-swap", "llama-swap-contiguous", "llama-ulysses-swap")
+STEPS = ("llama-swap", "llama-noswap", "mistral-swap", "llama-swap-contiguous", "llama-swap-model-loss",
+         "llama-ulysses-swap")
 
 
 @pytest.mark.parametrize("step", STEPS)

@@ -54,7 +54,7 @@ def _counting_recompute(self, records):
 memo.executor.LayerState._recompute = _counting_recompute   # observes; the real recompute runs
 
 
-def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, seq=SEQ):
+def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, seq=SEQ, loss_chunk_size=4096):
     model = build(kind, seed=3)
     if dtype is not None:
         model = model.to(dtype)
@@ -66,7 +66,8 @@ def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, s
     plain = _plain(model, ids, labels)
     twin = copy.deepcopy(model)
     config = memo.MemoConfig(sequence_parallel_size=world, sp_backend=backend, sp_layout=layout, swap_ratio=0.5,
-                             keep_last_layers=1 if swap else 4, host_memory_budget="1GiB")
+                             keep_last_layers=1 if swap else 4, host_memory_budget="1GiB",
+                             loss_chunk_size=loss_chunk_size)
     memo.wrap(twin, config)
     shard = shard_batch({"input_ids": ids, "labels": labels}, layout=layout)
     _RECOMPUTE.update(calls=0, messages=0)
@@ -123,6 +124,7 @@ def main(rank, world):
         "llama-noswap": sp_step("llama", world, swap=False),
         "mistral-swap": sp_step("mistral", world, swap=True),
         "llama-swap-contiguous": sp_step("llama", world, swap=True, layout="contiguous"),
+        "llama-swap-model-loss": sp_step("llama", world, swap=True, loss_chunk_size=None),
         "llama-ulysses-swap": sp_step("llama", world, swap=True, backend="ulysses" if world == 2 else "hybrid"),
         "packed": packed_step(world),
     }
