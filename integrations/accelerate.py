@@ -336,6 +336,9 @@ def prepare(accelerator, model, optimizer=None, dataloader=None, plugin: Optiona
         model = model.to(accelerator.device)   # before memo.wrap: its runtime lives on the model's device
     config = plugin.to_memo_config()
     memo.wrap(model, config)
+    if kind == "DEEPSPEED":   # ZeRO-3 must gather each swapped layer's weights for trace and recompute
+        from memo.integrations.deepspeed import prepare as deepspeed_prepare
+        deepspeed_prepare(model)
     if optimizer is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:

@@ -172,3 +172,48 @@ def test_a_failing_script_fails_the_launch(tmp_path):
                              "mixed_precision": "no", "use_cpu": True, "memo": {"swap_ratio": 0.5}})
     run = _memo_launch("--config_file", path, str(script))
     assert run.returncode != 0, run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def zero_plan(tmp_path_factory):
+    """A plan for a tiny Llama on 2 GPUs at ZeRO stage 2 (memo plan --out)."""
+    from models import build
+    d = tmp_path_factory.mktemp("zero-plan")
+    build("llama").config.to_json_file(str(d / "config.json"))
+    out = d / "plan.json"
+    assert main(["plan", "--model", str(d / "config.json"), "--seq-len", "64", "--gpus", "2", "--sp", "1",
+                 "--gpu", "a100-80g", "--host-memory", "64GiB", "--dtype", "fp32", "--zero-stage", "2",
+                 "--time-limit", "2", "--out", str(out)]) == 0
+    return str(out)
+
+
+def _deepspeed_config(**memo_section):
+    data = _config(**memo_section)
+    data["distributed_type"] = "DEEPSPEED"
+    return data
+
+
+def test_the_plans_zero_stage_becomes_the_deepspeed_config(tmp_path, capsys, zero_plan):
+    path = _write(tmp_path, _deepspeed_config(plan=zero_plan))
+    assert main(["launch", "--config_file", path, "--dry-run", "--json", PROBE]) == 0
+    launch = json.loads(capsys.readouterr().out)
+    assert launch["deepspeed_config"]["zero_optimization"]["stage"] == json.load(open(zero_plan))["zero_stage"] == 2
+    assert "deepspeed_config_file" in launch["accelerate_config"]["deepspeed_config"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"deepspeed_config": {"zero_stage": 3}}, ["zero_stage is 3 but the plan", "chose ZeRO stage 2"]),
+    ({"deepspeed_config": {"deepspeed_config_file": "ds.json"}}, ["both set the DeepSpeed config"]),
+])
+def test_a_deepspeed_config_the_plan_contradicts_is_refused(tmp_path, capsys, no_process, zero_plan, extra, words):
+    path = _write(tmp_path, {**_deepspeed_config(plan=zero_plan), **extra})
+    assert main(["launch", "--config_file", path, PROBE]) == 2 and not no_process
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+
+
+def test_sequence_parallelism_under_the_deepspeed_plugin_is_refused(tmp_path, capsys, no_process):
+    path = _write(tmp_path, _deepspeed_config(sequence_parallel_size=2))
+    assert main(["launch", "--config_file", path, PROBE]) == 2 and not no_process
+    assert "not supported" in capsys.readouterr().err

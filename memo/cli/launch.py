@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 from memo.errors import MemoError
 
@@ -102,6 +103,34 @@ def _multi_cpu_one_machine(config: dict) -> bool:
             and not (isinstance(mpirun, dict) and mpirun.get("mpirun_hostfile")))
 
 
+def deepspeed_from_plan(config: dict, settings: dict) -> Optional[dict]:
+    """Under Accelerate's DeepSpeed plugin with a memo plan: the DeepSpeed config of the plan's ZeRO stage.
+
+    Refused before any process starts: sequence parallelism under the DeepSpeed plugin (Accelerate
+    cannot hand DeepSpeed memo's groups; use DDP or memo.integrations.deepspeed.initialize), and a
+    config that names a ZeRO stage or a DeepSpeed config file the plan contradicts.
+    """
+    if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
+        return None
+    if settings.get("sequence_parallel_size", 1) > 1:
+        raise MemoError("memo.launch: memo.sequence_parallel_size > 1 under distributed_type DEEPSPEED is not "
+                        "supported (Accelerate cannot give DeepSpeed memo's sequence-parallel groups); use "
+                        "distributed_type MULTI_GPU / MULTI_CPU, or memo.integrations.deepspeed.initialize in the script")
+    if settings.get("plan") is None:
+        return None
+    from memo.integrations.deepspeed import memo_zero_config
+    ds = memo_zero_config(settings["plan"])
+    given = config.get("deepspeed_config") or {}
+    if given.get("deepspeed_config_file"):
+        raise MemoError(f"memo.launch: deepspeed_config.deepspeed_config_file and memo.plan both set the DeepSpeed "
+                        f"config; remove one (memo writes the plan's: ZeRO stage {ds['zero_optimization']['stage']})")
+    if "zero_stage" in given and int(given["zero_stage"]) != ds["zero_optimization"]["stage"]:
+        raise MemoError(f"memo.launch: deepspeed_config.zero_stage is {given['zero_stage']} but the plan "
+                        f"{settings['plan']} chose ZeRO stage {ds['zero_optimization']['stage']}; remove zero_stage "
+                        f"(memo writes the plan's) or make the plan again with --zero-stage {given['zero_stage']}")
+    return ds
+
+
 def plan_launch(config: dict, settings: dict, config_path: str, script: str, script_args: list[str]) -> dict:
     """The command (a list), the variables to export and what they mean; nothing is written or run."""
     from memo.integrations.accelerate import settings_env
@@ -131,10 +160,14 @@ def _describe(launch: dict) -> str:
 def launch_command(args) -> int:
     try:
         config, settings = read_config(args.config_file)
+        deepspeed = deepspeed_from_plan(config, settings)
         if not os.path.isfile(args.script):
             raise MemoError(f"memo.launch: script {args.script!r} does not exist; pass the path of a training script")
         if args.dry_run:
+            if deepspeed is not None:
+                config = dict(config, deepspeed_config={"deepspeed_config_file": "<temporary deepspeed config>"})
             launch = plan_launch(config, settings, "<temporary accelerate config>", args.script, args.script_args)
+            launch["deepspeed_config"] = deepspeed
             if args.json:
                 print(json.dumps(launch, indent=2, sort_keys=True))
             else:
@@ -149,6 +182,11 @@ def launch_command(args) -> int:
     tmp = tempfile.mkdtemp(prefix="memo-launch-")
     try:
         import yaml
+        if deepspeed is not None:   # the plan's ZeRO stage, as a DeepSpeed config file for Accelerate
+            ds_path = os.path.join(tmp, "deepspeed_config.json")
+            with open(ds_path, "w") as f:
+                json.dump(deepspeed, f, indent=2)
+            config = dict(config, deepspeed_config={"deepspeed_config_file": ds_path})
         path = os.path.join(tmp, "accelerate_config.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
