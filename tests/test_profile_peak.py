@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 from memo.planner.layout import live_bytes_over_time
 from memo.planner.plan import ALIGN, solve_level1
 from memo.profile import _layer_classes, hf_config_from_model, profile_model
+from test_profile import SMALL
 
 # The planner rounds every allocation up to ALIGN (512) bytes, as the CUDA caching allocator
 # does, so its peak is above the exact one by at most 511 B per tensor live at the peak; and its
@@ -42,14 +43,7 @@ from memo.profile import _layer_classes, hf_config_from_model, profile_model
 # still fails.
 PEAK_TOLERANCE = 0.10
 
-LAYERS = {
-    "llama": {"model_type": "llama", "layers": 2, "hidden": 64, "intermediate": 160, "heads": 4, "kv_heads": 2,
-              "head_dim": 16, "vocab": 128},
-    "qwen2": {"model_type": "qwen2", "layers": 2, "hidden": 64, "intermediate": 96, "heads": 4, "kv_heads": 1,
-              "head_dim": 16, "vocab": 128},
-    "gpt2": {"model_type": "gpt2", "layers": 2, "hidden": 64, "intermediate": 256, "heads": 4, "kv_heads": 4,
-             "head_dim": 16, "vocab": 128},
-}
+LAYERS = SMALL   # the profiler tests' small layers
 SEQ, MICRO_BATCH = 64, 2
 
 
