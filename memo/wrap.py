@@ -260,10 +260,16 @@ def _install_sequence_parallel(model, layers, runtime: MemoRuntime, config: Memo
 
 
 def _sequence_parallel_call(runtime: MemoRuntime, args: tuple, kwargs: dict) -> dict:
-    """Global positions and document ids for this forward; the mask checked and dropped."""
-    from memo.parallel.comm import all_reduce
+    """Global positions and document ids for this forward; the mask checked and dropped.
+
+    One small all-gather per forward, made by every rank: (batch, local length, packed?, input
+    ok?). A problem on one rank is raised on all of them (one rank raising alone would leave the
+    others waiting in the first ring exchange until the timeout).
+    """
+    from memo.parallel.comm import all_gather
     from memo.parallel.layout import shard_indices
     sp = runtime.sp
+    sp.generation += 1   # attention shape checks run again in this forward (memo.parallel.comm.check_same)
     if len(args) > 1:
         raise MemoError("memo.wrap: under sequence parallelism pass attention_mask and position_ids to the model "
                         "as keywords")
@@ -271,24 +277,38 @@ def _sequence_parallel_call(runtime: MemoRuntime, args: tuple, kwargs: dict) -> 
     if ref is None:
         raise MemoError("memo.wrap: the model was called without input_ids or inputs_embeds")
     b, s = ref.shape[0], ref.shape[1]
+    problem = None
     mask = kwargs.get("attention_mask")
     if mask is not None:
         if mask.dim() != 2 or not bool(mask.bool().all()):
-            raise MemoError("memo.wrap: under sequence parallelism attention_mask must be all ones (or None): "
-                            "memo.parallel.shard_batch turns right padding into ignored labels, and packed documents "
-                            "are given by position_ids restarting at 0")
+            problem = MemoError("memo.wrap: under sequence parallelism attention_mask must be all ones (or None): "
+                                "memo.parallel.shard_batch turns right padding into ignored labels, and packed "
+                                "documents are given by position_ids restarting at 0")
         kwargs = dict(kwargs, attention_mask=None)
     global_idx = shard_indices(s * sp.size, sp.size, sp.rank, sp.layout, ref.device)
     positions = kwargs.get("position_ids")
+    doc = None
     if positions is None:
         kwargs = dict(kwargs, position_ids=global_idx.unsqueeze(0))
-        runtime.sp_binding.doc = None
-        return kwargs
-    if positions.shape[-1] != s:
-        raise MemoError(f"memo.wrap: position_ids have {positions.shape[-1]} positions for {s} local tokens")
-    doc = (global_idx - positions).expand(b, s).contiguous()
-    packed = all_reduce(sp, (doc != 0).any().to(torch.int64).reshape(1), "packed-sequence check")
-    runtime.sp_binding.doc = doc if int(packed.item()) else None
+    elif positions.shape[-1] != s:
+        problem = problem or MemoError(f"memo.wrap: position_ids have {positions.shape[-1]} positions for {s} local "
+                                       f"tokens")
+    else:
+        doc = (global_idx - positions).expand(b, s).contiguous()
+    packed = doc is not None and bool((doc != 0).any())
+    mine = torch.tensor([b, s, int(packed), int(problem is None)], device=ref.device)
+    every = [g.cpu().tolist() for g in all_gather(sp, mine, "forward check")]
+    if problem is not None:
+        raise problem
+    bad = [sp.ranks[i] for i, g in enumerate(every) if not g[3]]
+    if bad:
+        raise MemoError(f"memo.wrap: rank(s) {bad} refused this forward's input (see their error); every rank of a "
+                        f"sequence-parallel group stops with it")
+    if any(g[:2] != every[0][:2] for g in every):
+        rows = "; ".join(f"rank {sp.ranks[i]}: batch {g[0]}, local length {g[1]}" for i, g in enumerate(every))
+        raise MemoError(f"memo.wrap: the ranks of one sequence differ in batch or local length ({rows}); shard one "
+                        f"batch with memo.parallel.shard_batch on every rank")
+    runtime.sp_binding.doc = doc if any(g[2] for g in every) else None
     return kwargs
 
 

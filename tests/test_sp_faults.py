@@ -37,6 +37,17 @@ def test_other_bad_input_names_the_fix(inputs):
         assert msg is not None and "were given different batches" in msg and "rank 1: batch x seq 1 x 64" in msg
     msg, _ = inputs[0]["padding_mask"]
     assert msg is not None and "attention_mask must be all ones" in msg
+    msg, elapsed = inputs[1]["padding_mask"]   # rank 1's own mask was fine
+    assert msg is not None and "rank(s) [0] refused this forward's input" in msg and elapsed < 60
+    msg, _ = inputs[0]["lse_grad"]
+    assert msg is not None and "not differentiable" in msg
+
+
+def test_bad_input_on_one_rank_fails_every_rank_without_waiting(inputs):
+    msg, _ = inputs[1]["one_rank_odd"]
+    assert msg is not None and "(odd)" in msg
+    msg, elapsed = inputs[0]["one_rank_odd"]
+    assert msg is not None and "input_ok=0" in msg and elapsed < 60
 
 
 @pytest.mark.parametrize("mode", ["die", "hang"])
@@ -44,5 +55,6 @@ def test_a_dead_or_hung_rank_fails_the_other_within_the_timeout(mode):
     res = launch("faults.py", 2, mode=mode, timeout=120)
     msg, elapsed = res[0][mode]
     assert msg is not None, f"rank 0 did not fail when rank 1 {mode}s"
-    assert "memo.parallel: rank 0 gave up on ring attention" in msg and "[1]" in msg
+    # (the first thing each call does is its cross-rank shape check, then the ring exchanges)
+    assert "memo.parallel: rank 0 gave up on" in msg and "with rank(s) [1]" in msg
     assert elapsed < 5 + 10, f"rank 0 took {elapsed:.1f} s with a 5 s timeout"

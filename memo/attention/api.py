@@ -32,8 +32,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     consecutive ranks, ring across). ``doc``: (batch, local_seq) int64, the global position of each
     token's document start, for packed sequences (tokens attend only within their document).
     Returns out (batch, local_seq, heads, head_dim), and lse (batch, heads, local_seq) fp32 if
-    ``return_lse``. Differentiable in q, k and v.
+    ``return_lse``. Differentiable in q, k and v (not through lse: a gradient reaching it raises).
     """
-    out, lse = sp_attention_bshd(q, k, v, setup_for(group, backend, layout, ulysses_size), causal=causal, scale=scale,
-                                 doc=doc)
+    sp = setup_for(group, backend, layout, ulysses_size)
+    sp.generation += 1   # every call checks its shapes across ranks (memo.parallel.comm.check_same)
+    out, lse = sp_attention_bshd(q, k, v, sp, causal=causal, scale=scale, doc=doc)
     return (out, lse) if return_lse else out

@@ -17,6 +17,7 @@ dk, dv in place.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional
@@ -28,6 +29,7 @@ from memo.errors import MemoError
 CHOICES = ("auto", "torch", "flash_attn")
 
 
+@functools.lru_cache(maxsize=None)
 def _interface():
     try:
         return importlib.import_module("flash_attn.flash_attn_interface")

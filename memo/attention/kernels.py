@@ -32,7 +32,14 @@ KERNEL_SECONDS = {"forward": 0.0, "backward": 0.0}
 
 
 def masked_value(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).min
+    """Finite and far below any score, without overflowing when a kernel scales it (by log2 e, in
+    fp32): -1e30 where the dtype holds it, the dtype's lowest value otherwise (fp16)."""
+    return -1e30 if torch.finfo(dtype).max > 1e31 else torch.finfo(dtype).min
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of out/lse/grads: fp32, or fp64 for fp64 inputs (the CPU kernels' own rule)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
@@ -48,13 +55,19 @@ def _block_forward(q, k, v, *, causal: bool, mask: Optional[torch.Tensor], scale
         return flash.forward(q, k, v, causal=causal, scale=scale)
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-        return out, lse.float()
-    if mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        return out, lse.to(acc_dtype(q.dtype))
+    if _cuda_flash(q, mask):
         res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return res[0], res[1].float()
     out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, _cuda_bias(mask, q, k), True, 0.0, causal,
                                                                   scale=scale)
     return out, lse[..., :q.shape[2]].float()
+
+
+def _cuda_flash(q, mask) -> bool:
+    """torch's CUDA flash kernel: fp16/bf16, no mask, head_dim <= 256 and a multiple of 8, sm80+."""
+    return (mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0 and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 def block_backward(dout, q, k, v, out, lse, *, causal: bool, mask: Optional[torch.Tensor], scale: float):
@@ -72,17 +85,19 @@ def _block_backward(dout, q, k, v, out, lse, *, causal: bool, mask: Optional[tor
     if q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    # Undefined (None), not empty, tensors where the schema's optional inputs are absent: the kernels
+    # test ``defined()`` (an empty cum_seq_q would select flash's varlen path, an empty bias a bias).
+    # Without dropout the philox seed/offset are never read.
     empty = torch.empty(0, device=q.device)
-    if mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+    if _cuda_flash(q, mask):
         return aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
-            torch.empty(2, dtype=torch.int64, device=q.device), empty, scale=scale)
+            dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal,
+            empty, empty, scale=scale)
     pad = -(-q.shape[2] // 32) * 32   # the efficient kernel's lse rows are padded to 32
     lse_p = torch.nn.functional.pad(lse, (0, pad - q.shape[2])).contiguous()
-    bias = _cuda_bias(mask, q, k)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, bias if bias is not None else empty, out, lse_p, empty, empty, 0.0,
-        [True, True, True, False], causal, scale=scale)
+        dout, q, k, v, _cuda_bias(mask, q, k), out, lse_p, empty, empty, 0.0, [True, True, True, False], causal,
+        scale=scale)
     return dq, dk, dv
 
 
@@ -98,9 +113,15 @@ def _cuda_bias(mask, q, k):
 
 
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
-    """Fold one block's (out, lse) into fp32 accumulators, in place (softmax over the union of keys)."""
+    """Fold one block's (out, lse) into the accumulators, in place (softmax over the union of keys).
+
+    A row with lse -inf on either side (no key yet, or a kernel that returns -inf for a row with no
+    allowed key) contributes nothing, instead of inf - inf = NaN.
+    """
     new = torch.logaddexp(lse_acc, lse_blk)
-    out_acc.mul_(torch.exp(lse_acc - new).unsqueeze(-1)).add_(out_blk.float() * torch.exp(lse_blk - new).unsqueeze(-1))
+    w_acc = torch.where(torch.isneginf(lse_acc), 0.0, torch.exp(lse_acc - new))
+    w_blk = torch.where(torch.isneginf(lse_blk), 0.0, torch.exp(lse_blk - new))
+    out_acc.mul_(w_acc.unsqueeze(-1)).add_(out_blk.to(out_acc.dtype) * w_blk.unsqueeze(-1))
     lse_acc.copy_(new)
 
 

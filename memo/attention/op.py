@@ -42,39 +42,66 @@ def _(q, k, v, doc, sp_id, scale, causal):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, s), dtype=torch.float32)
 
 
-def _check(sp, q, k, v, doc, causal: bool) -> None:
-    """Local shapes first (a clear message), then the same values on every rank (NOTE: no hang)."""
+def _local_problem(sp, q, k, v, doc, causal: bool) -> Optional[MemoError]:
+    """What is wrong with this rank's arguments, or None."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] \
             or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
-        raise MemoError(f"memo.attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
-                        f"(batch, heads, local_seq, head_dim) with kv_heads dividing heads")
+        return MemoError(f"memo.attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
+                         f"(batch, heads, local_seq, head_dim) with kv_heads dividing heads")
     if q.dtype not in _DTYPES:
-        raise MemoError(f"memo.attention: dtype {q.dtype} is not supported; use one of {_DTYPES}")
+        return MemoError(f"memo.attention: dtype {q.dtype} is not supported; use one of {_DTYPES}")
     if doc is not None and tuple(doc.shape) != (q.shape[0], q.shape[2]):
-        raise MemoError(f"memo.attention: document ids have shape {tuple(doc.shape)}, expected "
-                        f"(batch, local_seq) = {(q.shape[0], q.shape[2])}")
+        return MemoError(f"memo.attention: document ids have shape {tuple(doc.shape)}, expected "
+                         f"(batch, local_seq) = {(q.shape[0], q.shape[2])}")
     if sp.layout == "zigzag" and causal and q.shape[2] % 2:
-        raise MemoError(f"memo.attention: a zigzag shard holds two equal chunks, but the local length is "
-                        f"{q.shape[2]} (odd); shard the sequence with memo.parallel.shard_sequence")
-    check_heads(sp, q.shape[1])
-    names = ("batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "causal", "documents")
-    values = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], _DTYPES.index(q.dtype), int(causal),
-              int(doc is not None))
-    check_same(sp, "attention call", names, values, device=q.device if q.device.type != "cpu" else None)
+        return MemoError(f"memo.attention: a zigzag shard holds two equal chunks, but the local length is "
+                         f"{q.shape[2]} (odd); shard the sequence with memo.parallel.shard_sequence")
+    try:
+        check_heads(sp, q.shape[1])
+    except MemoError as e:
+        return e
+    return None
+
+
+def _check(sp, q, k, v, doc, causal: bool) -> None:
+    """The same values on every rank, and this rank's own problems, raised on every rank together.
+
+    A rank that raised alone would leave the others waiting in the ring: every local problem is
+    a value in the exchange instead (``input_ok``), so all ranks see it and raise.
+    """
+    problem = _local_problem(sp, q, k, v, doc, causal)
+    shape = tuple(q.shape) if q.dim() == 4 else (0, 0, 0, 0)
+    names = ("input_ok", "batch", "heads", "kv_heads", "local_seq", "head_dim", "dtype", "causal", "documents")
+    values = (int(problem is None), shape[0], shape[1], k.shape[1] if k.dim() == 4 else 0, shape[2], shape[3],
+              _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, int(causal), int(doc is not None))
+    try:
+        check_same(sp, "attention call", names, values, device=q.device if q.device.type != "cpu" else None)
+    except MemoError as e:
+        if problem is not None:
+            raise problem from e
+        raise
+    if problem is not None:
+        raise problem
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, doc, sp_id, scale, causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.set_materialize_grads(False)   # an unused lse gets no gradient (None), see _backward
     # Not saved through autograd: the saved-tensor hooks of the swap executor must see only the
     # token-wise tensors of the attention call (doc is the same per-forward tensor for every layer).
     ctx.doc, ctx.sp_id, ctx.scale, ctx.causal = doc, sp_id, scale, causal
 
 
 def _backward(ctx, dout, dlse):
+    if dlse is not None:
+        raise MemoError("memo.attention: the log-sum-exp returned by sequence-parallel attention is not "
+                        "differentiable; use it detached (lse.detach()) or compute the loss from the output only")
     q, k, v, out, lse = ctx.saved_tensors
-    k_, v_ = (k.to(q.dtype), v.to(q.dtype)) if k.dtype != q.dtype else (k, v)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    k_, v_ = (k.to(q.dtype), v.to(q.dtype)) if k.dtype != q.dtype or v.dtype != q.dtype else (k, v)
     dq, dk, dv = sp_backward(lookup(ctx.sp_id), dout.contiguous(), q, k_, v_, out, lse, ctx.doc, causal=ctx.causal,
                              scale=ctx.scale)
     return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

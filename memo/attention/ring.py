@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from memo.attention.kernels import block_backward, block_forward, masked_value, merge_into, reduce_kv, repeat_kv
+from memo.attention.kernels import acc_dtype, block_backward, block_forward, masked_value, merge_into, reduce_kv, \
+    repeat_kv
 from memo.parallel.comm import RingExchange
 from memo.parallel.groups import SequenceParallel
 from memo.parallel.layout import shard_indices
@@ -84,14 +85,15 @@ class _Blocks:
 
 
 def ring_forward(sp: SequenceParallel, q, k, v, doc: Optional[torch.Tensor], *, causal: bool, scale: float):
-    """out (b, h, s, d) in q's dtype and lse (b, h, s) fp32 of this rank's queries over the whole ring.
+    """out (b, h, s, d) in q's dtype and lse (b, h, s) fp32 (fp64 for fp64 q) of this rank's queries.
 
     q: (b, h, s, d); k, v: (b, kv_heads, s, d); doc: None or (b, s) int64 document ids.
     """
     b, h, s, d = q.shape
     blocks = _Blocks(sp, s, causal, doc, q.device)
-    out = torch.zeros(b, h, s, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(b, h, s, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
     kk, vv, dk_ = k, v, doc
     for step in range(blocks.R):
         ex = None
@@ -118,7 +120,8 @@ def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[t
     b, h, s, d = q.shape
     kvh = k.shape[1]
     blocks = _Blocks(sp, s, causal, doc, q.device)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kk, vv, dk_ = k, v, doc
     dkv_ex = None
     dk_acc = dv_acc = None
@@ -128,17 +131,17 @@ def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[t
             kv_ex = RingExchange(sp, f"ring attention backward step {step}")
             kv_ex.send_recv([kk, vv] + ([dk_] if doc is not None else []))
             kv_ex.commit()
-        dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv_blk = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk_blk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv_blk = torch.zeros(v.shape, dtype=acc, device=v.device)
         blk = blocks.at(step, q.dtype, dk_)
         if blk is not None:
             qs, ks, is_causal, mask = blk
             gq, gk, gv = block_backward(dout[:, :, qs], q[:, :, qs], repeat_kv(kk[:, :, ks], h),
                                         repeat_kv(vv[:, :, ks], h), out[:, :, qs], lse[:, :, qs],
                                         causal=is_causal, mask=mask, scale=scale)
-            dq[:, :, qs] += gq.float()
-            dk_blk[:, :, ks] += reduce_kv(gk.float(), kvh)
-            dv_blk[:, :, ks] += reduce_kv(gv.float(), kvh)
+            dq[:, :, qs] += gq.to(acc)
+            dk_blk[:, :, ks] += reduce_kv(gk.to(acc), kvh)
+            dv_blk[:, :, ks] += reduce_kv(gv.to(acc), kvh)
         if dkv_ex is None:
             dk_acc, dv_acc = dk_blk, dv_blk
         else:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from memo.attention.kernels import reduce_kv, repeat_kv
+from memo.attention.kernels import acc_dtype, reduce_kv, repeat_kv
 from memo.attention.ring import ring_backward, ring_forward
 from memo.errors import MemoError
 from memo.parallel.comm import all_gather, all_to_all
@@ -97,5 +97,6 @@ def sp_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc, *, causal: b
     dk = seq_to_heads(sp, dk2, inv, "Ulysses dk")
     dv = seq_to_heads(sp, dv2, inv, "Ulysses dv")
     if repeated:
-        dk, dv = reduce_kv(dk.float(), kvh).to(dk.dtype), reduce_kv(dv.float(), kvh).to(dv.dtype)
+        acc = acc_dtype(dk.dtype)
+        dk, dv = reduce_kv(dk.to(acc), kvh).to(dk.dtype), reduce_kv(dv.to(acc), kvh).to(dv.dtype)
     return dq, dk, dv

@@ -33,7 +33,8 @@ MESSAGES = {"count": 0}
 
 def _failed(sp: SequenceParallel, what: str, peers: Sequence[int], e: Exception) -> MemoError:
     return MemoError(
-        f"memo.parallel: rank {dist.get_rank()} gave up on {what} with rank(s) {sorted(set(peers))} "
+        f"memo.parallel: rank {dist.get_rank()} gave up on {what} with rank(s) "
+        f"{sorted(set(peers) - {dist.get_rank()})} "
         f"(timeout {sp.timeout_s:g} s): {e}. A rank died, hung, or ran a different step; check the other ranks' "
         f"logs, or raise the timeout with MemoConfig(sp_timeout_s=...) / MEMO_SP_TIMEOUT if a step is just slow")
 
@@ -141,10 +142,12 @@ def check_same(sp: SequenceParallel, what: str, names: Sequence[str], values: Se
                device: Optional[torch.device] = None) -> None:
     """Raise the same MemoError on every rank if ``values`` differ between the group's ranks.
 
-    Runs once per distinct ``(what, values)`` on this rank; every rank gathers every rank's values,
-    so all of them see the difference and raise together instead of hanging in a later exchange.
+    Every rank gathers every rank's values, so all of them see a difference and raise together
+    instead of hanging in a later exchange. A ``(what, values)`` already checked in the current
+    ``sp.generation`` is skipped: within one generation every rank has passed the same first check,
+    so their values agree unless the ranks diverge inside it; a new generation checks again.
     """
-    key = (what, tuple(values))
+    key = (sp.generation, what, tuple(values))
     if key in sp.checked:
         return
     t = torch.tensor([len(values), *values], dtype=torch.int64, device=device)
@@ -155,4 +158,5 @@ def check_same(sp: SequenceParallel, what: str, names: Sequence[str], values: Se
         raise MemoError(f"memo.parallel: {what} differs between the ranks of one sequence ({rows}); every rank "
                         f"must call with the same batch, heads, head_dim, dtype and local length (shard one batch "
                         f"with memo.parallel.shard_batch)")
+    sp.checked = {k for k in sp.checked if k[0] == sp.generation}
     sp.checked.add(key)

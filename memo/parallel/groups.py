@@ -39,6 +39,10 @@ class SequenceParallel:
     timeout_s: float = DEFAULT_TIMEOUT_S
     id: int = field(default=0, init=False)
     checked: set = field(default_factory=set, init=False)   # signatures already checked across ranks
+    # check_same skips a signature it checked in the same generation. Callers bump the generation
+    # at a point every rank passes together (memo.wrap: each forward; ring_attention: each call),
+    # so no rank skips a check that another one makes (NOTE in memo.parallel.comm.check_same).
+    generation: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.id = max(_REGISTRY, default=0) + 1
@@ -148,15 +152,14 @@ def sequence_parallel(group=None, *, size: Optional[int] = None, backend: str = 
     sp = SequenceParallel(group=group, ranks=ranks, backend=backend, layout=layout, ulysses_size=u,
                           timeout_s=timeout_s)
     if 1 < u < p:   # hybrid: Ulysses groups of consecutive ranks, rings across them
+        # Only this group's members create these (local synchronization): other groups of a larger
+        # world create theirs independently, in whatever order.
         td = datetime.timedelta(seconds=timeout_s)
-        for start in range(0, p, u):
-            g = dist.new_group([ranks[i] for i in range(start, start + u)], timeout=td)
-            if start == sp.ring_rank * u:
-                sp.ulysses_group = g
-        for j in range(u):
-            g = dist.new_group([ranks[i] for i in range(j, p, u)], timeout=td)
-            if j == sp.ulysses_rank:
-                sp.ring_group = g
+        start = sp.ring_rank * u
+        sp.ulysses_group = dist.new_group([ranks[i] for i in range(start, start + u)], timeout=td,
+                                          use_local_synchronization=True)
+        sp.ring_group = dist.new_group([ranks[i] for i in range(sp.ulysses_rank, p, u)], timeout=td,
+                                       use_local_synchronization=True)
     elif u == p:
         sp.ulysses_group = group
     else:

@@ -30,6 +30,8 @@ def main(rank, world, mode):
         dtype = torch.float32 if rank == 0 else torch.float64
         out["dtype"] = _error(lambda: ring_attention(q(16, dtype=dtype), q(16, dtype=dtype), q(16, dtype=dtype)))
         out["ulysses_heads"] = _error(lambda: ring_attention(q(16, 3), q(16, 3), q(16, 3), backend="ulysses"))
+        odd = 16 if rank == 0 else 15   # a problem on one rank only: both must raise, neither may hang
+        out["one_rank_odd"] = _error(lambda: ring_attention(q(odd), q(odd), q(odd)))
         out["indivisible"] = _error(lambda: shard_sequence(torch.zeros(1, 30), 1))
         model = build("llama", num_attention_heads=3, num_key_value_heads=3, hidden_size=48)
         out["wrap_ulysses_heads"] = _error(lambda: memo.wrap(model, memo.MemoConfig(
@@ -43,8 +45,15 @@ def main(rank, world, mode):
         mine = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(rank))
         out["different_batches"] = _error(lambda: shard_batch({"input_ids": mine, "labels": mine}))
         mask = torch.ones(1, 64 // world, dtype=torch.long)
-        mask[0, 0] = 0
+        if rank == 0:   # padding on rank 0's shard only: rank 1 must fail too, not wait in the ring
+            mask[0, 0] = 0
         out["padding_mask"] = _error(lambda: model(**shard, attention_mask=mask))
+
+        def lse_grad():
+            x = torch.randn(1, 16, 4, 16, requires_grad=True)
+            o, lse = ring_attention(x, x, x, return_lse=True)
+            (o.sum() + lse.sum()).backward()
+        out["lse_grad"] = _error(lse_grad)
         return out
     sp = sequence_parallel(backend="ring", timeout_s=5)
     x = torch.randn(1, 16, 4, 16)

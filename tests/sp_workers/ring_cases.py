@@ -22,7 +22,9 @@ def reference(q, k, v, causal, doc=None):
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal).transpose(1, 2)
 
 
-def run_case(rank, world, *, b, s, h, kvh, d, causal, layout, backend="ring", docs=None, seed=0, ulysses_size=None):
+def run_case(rank, world, *, b, s, h, kvh, d, causal, layout, backend="ring", docs=None, seed=0, ulysses_size=None,
+             dtype="float32"):
+    dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(seed)
     q64, k64, v64 = (torch.randn(b, s, n, d, generator=g, dtype=torch.float64) for n in (h, kvh, kvh))
     dout64 = torch.randn(b, s, h, d, generator=g, dtype=torch.float64)
@@ -31,16 +33,16 @@ def run_case(rank, world, *, b, s, h, kvh, d, causal, layout, backend="ring", do
         pos = torch.cat([torch.arange(n) for n in docs]).expand(b, s)
         doc = torch.arange(s).expand(b, s) - pos
     grads = {}
-    for name, dtype in (("ref64", torch.float64), ("ref32", torch.float32)):
-        ts = [t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64)]
+    for name, ref_dtype in (("ref64", torch.float64), ("ref32", torch.float32)):
+        ts = [t.detach().to(ref_dtype).requires_grad_() for t in (q64, k64, v64)]
         out = reference(*ts, causal, doc)
-        out.backward(dout64.to(dtype))
+        out.backward(dout64.to(ref_dtype))
         grads[name] = [out.detach().double()] + [t.grad.double() for t in ts]
-    shards = [shard_sequence(t.float(), 1, layout=layout).requires_grad_() for t in (q64, k64, v64)]
+    shards = [shard_sequence(t.to(dt), 1, layout=layout).requires_grad_() for t in (q64, k64, v64)]
     local_doc = None if doc is None else shard_sequence(doc, 1, layout=layout)
     out = ring_attention(*shards, causal=causal, layout=layout, backend=backend, doc=local_doc,
                          ulysses_size=ulysses_size)
-    out.backward(shard_sequence(dout64.float(), 1, layout=layout))
+    out.backward(shard_sequence(dout64.to(dt), 1, layout=layout))
     ring = [gather_sequence(t, 1, layout=layout).double() for t in [out.detach()] + [x.grad for x in shards]]
     names = ("out", "dq", "dk", "dv")
     return {n: {"ring": (r - e).abs().max().item(), "ref32": (f - e).abs().max().item()}
@@ -55,6 +57,8 @@ CASES = [
     dict(b=1, s=64, h=4, kvh=2, d=128, causal=False, layout="contiguous"),
     dict(b=2, s=64, h=4, kvh=2, d=64, causal=True, layout="zigzag", docs=[20, 30, 14]),
     dict(b=1, s=64, h=4, kvh=4, d=64, causal=True, layout="contiguous", docs=[5, 40, 19]),
+    # fp64 accumulates (and keeps lse) in fp64: its error must stay far below fp32's
+    dict(b=1, s=64, h=4, kvh=2, d=64, causal=True, layout="zigzag", docs=[20, 30, 14], dtype="float64"),
 ]
 
 
