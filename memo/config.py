@@ -61,7 +61,8 @@ class MemoConfig:
     sp_layout: str = "zigzag"
     ulysses_size: Optional[int] = None
     # Every collective waits at most this long, so a dead rank fails the others instead of hanging.
-    sp_timeout_s: float = 300.0
+    # None: MEMO_SP_TIMEOUT_S, else 300 s (long enough for a slow first step at 1M tokens).
+    sp_timeout_s: Optional[float] = None
     # Off switch that keeps call sites unchanged (`memo.wrap(model, MemoConfig(enabled=False))`).
     enabled: bool = True
     # Resolved byte budget (filled in by __post_init__).
@@ -95,7 +96,11 @@ class MemoConfig:
         if self.sequence_parallel_size is not None and (isinstance(self.sequence_parallel_size, bool) or not isinstance(
                 self.sequence_parallel_size, int) or self.sequence_parallel_size < 1):
             raise MemoError(f"memo.config: sequence_parallel_size={self.sequence_parallel_size!r} must be an int >= 1")
-        if not (isinstance(self.sp_timeout_s, (int, float)) and self.sp_timeout_s > 0):
+        if self.sp_timeout_s is None:
+            from memo.parallel.groups import DEFAULT_TIMEOUT_S
+            self.sp_timeout_s = DEFAULT_TIMEOUT_S
+        if isinstance(self.sp_timeout_s, bool) or not (isinstance(self.sp_timeout_s, (int, float))
+                                                       and self.sp_timeout_s > 0):
             raise MemoError(f"memo.config: sp_timeout_s={self.sp_timeout_s!r} must be a positive number of seconds")
         if self.host_memory_budget is None:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

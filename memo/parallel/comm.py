@@ -36,7 +36,7 @@ def _failed(sp: SequenceParallel, what: str, peers: Sequence[int], e: Exception)
         f"memo.parallel: rank {dist.get_rank()} gave up on {what} with rank(s) "
         f"{sorted(set(peers) - {dist.get_rank()})} "
         f"(timeout {sp.timeout_s:g} s): {e}. A rank died, hung, or ran a different step; check the other ranks' "
-        f"logs, or raise the timeout with MemoConfig(sp_timeout_s=...) / MEMO_SP_TIMEOUT if a step is just slow")
+        f"logs, or raise the timeout with MemoConfig(sp_timeout_s=...) / MEMO_SP_TIMEOUT_S if a step is just slow")
 
 
 def _wait(sp: SequenceParallel, work, what: str, peers: Sequence[int]) -> None:

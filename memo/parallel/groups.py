@@ -22,7 +22,7 @@ from memo.parallel.layout import check_layout
 BACKENDS = ("ring", "ulysses", "hybrid")
 # Long enough for a slow first step (kernels warming up, a 1M-token layer), short enough that a dead
 # rank is reported within minutes instead of hanging a job for NCCL's default 10 minutes.
-DEFAULT_TIMEOUT_S = float(os.environ.get("MEMO_SP_TIMEOUT", "300"))
+DEFAULT_TIMEOUT_S = float(os.environ.get("MEMO_SP_TIMEOUT_S", "300"))
 
 _REGISTRY: dict[int, "SequenceParallel"] = {}
 
