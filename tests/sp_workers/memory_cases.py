@@ -23,10 +23,10 @@ def main(rank, world):
         m(**batch).loss.backward()            # warm-up: the host pool is reserved once, before
         with track_storages() as tracker:
             loss = m(**batch).loss
-        # gloo's worker threads drop their references to the loss all-reduce's 4-byte buffers a
-        # moment after wait() returns; let them, or that scalar is counted now and then
-        torch.distributed.barrier()
-        alive = tracker.alive_bytes()
+        # Scalars (<= 8 bytes) are left out on both sides: gloo's worker thread drops its reference
+        # to the loss all-reduce's 4-byte buffer some time after wait() returns, so whether it is
+        # still alive here is a race (seen in ~1 of 5 runs). No activation is that small.
+        alive = sum(r.nbytes for r in tracker.alive() if r.nbytes > 8)
         loss.backward()
         st = memo.stats(m)
         out[keep] = {"alive": alive, "kept_resident": sum(layer.resident_bytes for layer in st.layers if layer.kept),
