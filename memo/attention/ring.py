@@ -84,6 +84,23 @@ class _Blocks:
         return None if mask is None else (qs, ks, False, mask)
 
 
+def _pass_kv(sp: SequenceParallel, blocks: "_Blocks", step: int, what: str, kk, vv, doc_k) -> Optional[RingExchange]:
+    """Start sending this step's keys/values (and their document ids) on; None at the last step."""
+    if step + 1 >= blocks.R:
+        return None
+    ex = RingExchange(sp, f"ring attention {what} step {step}")
+    ex.send_recv([kk, vv] + ([doc_k] if doc_k is not None else []))
+    return ex.commit()
+
+
+def _received_kv(ex: Optional[RingExchange], kk, vv, doc_k) -> tuple:
+    """The next step's (keys, values, document ids): what ``ex`` brought, or the current ones."""
+    if ex is None:
+        return kk, vv, doc_k
+    got = ex.wait()
+    return got[0], got[1], (got[2] if doc_k is not None else None)
+
+
 def ring_forward(sp: SequenceParallel, q, k, v, doc: Optional[torch.Tensor], *, causal: bool, scale: float):
     """out (b, h, s, d) in q's dtype and lse (b, h, s) fp32 (fp64 for fp64 q) of this rank's queries.
 
@@ -94,23 +111,16 @@ def ring_forward(sp: SequenceParallel, q, k, v, doc: Optional[torch.Tensor], *, 
     acc = acc_dtype(q.dtype)
     out = torch.zeros(b, h, s, d, dtype=acc, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
-    kk, vv, dk_ = k, v, doc
+    kk, vv, doc_k = k, v, doc
     for step in range(blocks.R):
-        ex = None
-        if step + 1 < blocks.R:
-            ex = RingExchange(sp, f"ring attention forward step {step}")
-            ex.send_recv([kk, vv] + ([dk_] if doc is not None else []))
-            ex.commit()
-        blk = blocks.at(step, q.dtype, dk_)
+        ex = _pass_kv(sp, blocks, step, "forward", kk, vv, doc_k)
+        blk = blocks.at(step, q.dtype, doc_k)
         if blk is not None:
             qs, ks, is_causal, mask = blk
             o, l = block_forward(q[:, :, qs], repeat_kv(kk[:, :, ks], h), repeat_kv(vv[:, :, ks], h),
                                  causal=is_causal, mask=mask, scale=scale)
             merge_into(out[:, :, qs], lse[:, :, qs], o, l)
-        if ex is not None:
-            got = ex.wait()
-            kk, vv = got[0], got[1]
-            dk_ = got[2] if doc is not None else None
+        kk, vv, doc_k = _received_kv(ex, kk, vv, doc_k)
     return out.to(q.dtype), lse
 
 
@@ -122,18 +132,14 @@ def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[t
     blocks = _Blocks(sp, s, causal, doc, q.device)
     acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kk, vv, dk_ = k, v, doc
+    kk, vv, doc_k = k, v, doc
     dkv_ex = None
     dk_acc = dv_acc = None
     for step in range(blocks.R):
-        kv_ex = None
-        if step + 1 < blocks.R:
-            kv_ex = RingExchange(sp, f"ring attention backward step {step}")
-            kv_ex.send_recv([kk, vv] + ([dk_] if doc is not None else []))
-            kv_ex.commit()
+        kv_ex = _pass_kv(sp, blocks, step, "backward", kk, vv, doc_k)
         dk_blk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv_blk = torch.zeros(v.shape, dtype=acc, device=v.device)
-        blk = blocks.at(step, q.dtype, dk_)
+        blk = blocks.at(step, q.dtype, doc_k)
         if blk is not None:
             qs, ks, is_causal, mask = blk
             gq, gk, gv = block_backward(dout[:, :, qs], q[:, :, qs], repeat_kv(kk[:, :, ks], h),
@@ -151,10 +157,7 @@ def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[t
             dkv_ex = RingExchange(sp, f"ring attention dk/dv step {step}")
             dkv_ex.send_recv([dk_acc, dv_acc])
             dkv_ex.commit()
-        if kv_ex is not None:
-            got = kv_ex.wait()
-            kk, vv = got[0], got[1]
-            dk_ = got[2] if doc is not None else None
+        kk, vv, doc_k = _received_kv(kv_ex, kk, vv, doc_k)
     if dkv_ex is not None:
         dk_acc, dv_acc = dkv_ex.wait()
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
