@@ -7,7 +7,8 @@ per-rank shape, and records:
 * every allocation in order: id, bytes (storage size), the op step it was made at and the op
   step after which it was freed -- forward and backward separately, ready for the planner;
 * every tensor autograd saves for backward, with its class: ``layer_input``,
-  ``attention_output``, ``lse``, ``param``, ``shared`` (RoPE cos/sin: kept once), ``other``.
+  ``attention_output``, ``lse``, ``param``, ``shared`` (RoPE cos/sin: kept once), ``other``,
+  decided by the runtime's own classifier (NOTE [ Saved tensor classes ] rule 6 in memo/trace.py).
 
 NOTE [ Profiler allocation steps ]
   1. Each aten op (``prim`` ops excluded) is one step; op k's outputs are allocated at step k.
@@ -38,13 +39,7 @@ from torch.utils._pytree import tree_flatten
 from memo.errors import MemoError
 from memo.planner.layout import Alloc
 from memo.planner.presets import UnknownPreset, get_preset, identity_of
-
-ATTENTION_OPS = {
-    "aten._scaled_dot_product_flash_attention_for_cpu.default",
-    "aten._scaled_dot_product_flash_attention.default",
-    "aten._scaled_dot_product_efficient_attention.default",
-    "aten._scaled_dot_product_cudnn_attention.default",
-}
+from memo.trace import ATTENTION_KERNELS, AttentionKernelMode, Classifier, LayerCall, attention_output_kind
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 _CANONICAL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -207,8 +202,6 @@ class AllocationRecorder(TorchDispatchMode):
         self.phase = "f"
         self.step = -1
         self.sp = sp
-        self.attn_keys: dict[int, str] = {}  # storage -> "attention_output" | "lse"
-        self.kind_of: dict[int, str] = {}
         self._n = 0
 
     def _on_free(self, key: int) -> None:
@@ -222,7 +215,6 @@ class AllocationRecorder(TorchDispatchMode):
         self.trace.allocs.append(rec)
         if key is not None:
             self.live[key] = rec
-            self.kind_of.setdefault(key, kind)
             if storage is not None:
                 weakref.finalize(storage, self._on_free, key)
         return rec
@@ -258,21 +250,19 @@ class AllocationRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         self.step += 1
         out = func(*args, **kwargs)
-        flat, _ = tree_flatten(out)
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
-        for i, t in enumerate(tensors):
-            if t.layout != torch.strided:
-                continue
-            st = t.untyped_storage()
-            key = st._cdata
-            if key in self.live or key in self.static:
-                continue
-            kind = "other"
-            if name in ATTENTION_OPS and i < 2:
-                kind = ("attention_output", "lse")[i]
-                self.attn_keys[key] = kind
-            self.add(key, st.nbytes(), kind, name.replace("aten.", "").replace(".default", ""), storage=st)
-        if name in ATTENTION_OPS and self.sp > 1:
+        kernel = func in ATTENTION_KERNELS
+        for position, item in enumerate(out if isinstance(out, tuple) else (out,)):
+            for t in tree_flatten(item)[0]:
+                if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                    continue
+                st = t.untyped_storage()
+                key = st._cdata
+                if key in self.live or key in self.static:
+                    continue
+                # Labelled as the saved-tensor classifier labels them: NOTE [ Saved tensor classes ] rule 6.
+                kind = attention_output_kind(position) if kernel else "other"
+                self.add(key, st.nbytes(), kind, name.replace("aten.", "").replace(".default", ""), storage=st)
+        if kernel and self.sp > 1:
             # NOTE [ Profiler allocation steps ] rule 5: k and v blocks in flight, double-buffered.
             q, k, v = args[0], args[1], args[2]
             kv = k.numel() * k.element_size() + v.numel() * v.element_size()
@@ -362,17 +352,23 @@ def _run_layer(layer, x, shared):
 
 def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> tuple[list[dict], torch.Tensor]:
     """Run ``layer`` on ``x: (batch, tokens, hidden)`` (real or fake tensors); return what
-    autograd saves, in order (shape, dtype, storage bytes, storage key), and the layer output.
-    Used by the profiler and by tests that compare it with a real run."""
+    autograd saves, in order (shape, dtype, storage bytes, storage key, the runtime's class and the
+    planner's label: NOTE [ Saved tensor classes ] in memo/trace.py), and the layer output.
+    Used by the profiler and by tests that compare it with a real run and with the runtime."""
+    kernel_mode = AttentionKernelMode()
+    kwargs = {} if shared is None else {"attention_mask": None, "position_embeddings": shared}
+    classify = Classifier(layer, LayerCall(x, (), kwargs), kernel_mode)
     saved = []
 
     def pack(t):
         saved.append({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                      "bytes": t.untyped_storage().nbytes(), "key": _storage_key(t)})
+                      "bytes": t.untyped_storage().nbytes(), "key": _storage_key(t),
+                      "class": classify(t).value, "kind": classify.kind(t)})
         return t.detach()   # NOTE [ Pack returns a detached tensor ] in memo/trace.py
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), kernel_mode:
         out = _run_layer(layer, x, shared)
+    kernel_mode.outputs.clear()   # the kernel's outputs must die when backward frees them, as in a plain run
     return saved, out
 
 
@@ -426,23 +422,13 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
                                 f"dense Llama-style and GPT-2 layers with sdpa attention: use one of those or a "
                                 f"preset") from e
             fwd = rec.trace
-
-            def kind(key: int) -> str:
-                if key == x_key:
-                    return "layer_input"
-                if key in params:
-                    return "param"
-                if key in shared_keys:
-                    return "shared"
-                return rec.attn_keys.get(key, "other")
-
             saved_bytes = {"layer_input": x.untyped_storage().nbytes(), "attention_output": 0, "lse": 0,
                            "other": 0, "param": 0, "shared": 0}
             seen = {x_key}
             carried: dict[int, str] = {}
             for s in saved:
                 key = s.pop("key")
-                s["kind"] = kind(key)
+                del s["class"]    # the plan records the planner's label ("kind") only
                 if key not in seen:
                     seen.add(key)
                     saved_bytes[s["kind"]] += s["bytes"]

@@ -18,6 +18,12 @@ a shorter prefix of it, and the dimensions whose size changed are the token dime
 # 5. OTHER: everything else. Built from INPUT and ATTN_OUT by per-token operations, so the last
 #    ``alpha`` share of its tokens is swapped and the rest recomputed. An OTHER tensor with no
 #    token dimension, or with two (an S x S mask built inside attention), is swapped in full.
+# 6. One classifier (``Classifier``) decides for the runtime (memo.executor, memo.runtime,
+#    ``trace_layer``) and for the planner (memo.profile); the planner's labels are a function of
+#    the class (``Classifier.kind``): ATTN_OUT is split by the position of the tensor among the
+#    kernel's outputs, ``attention_output`` (position 0) and ``lse`` (the rest: log-sum-exp, and
+#    on CUDA the RNG state), all swapped in full. The profiler labels the kernel's allocations
+#    with the same function (``attention_output_kind``).
 
 # NOTE [ Pack returns a detached tensor ]
 #
@@ -63,6 +69,16 @@ class SavedClass(enum.Enum):
     INPUT = "input"
     ATTN_OUT = "attn_out"
     OTHER = "other"
+
+
+# The planner's label of each class but ATTN_OUT (memo.profile, planner/). See NOTE [ Saved tensor classes ] rule 6.
+PLANNER_KINDS = {SavedClass.PARAM: "param", SavedClass.SHARED: "shared", SavedClass.INPUT: "layer_input",
+                 SavedClass.OTHER: "other"}
+
+
+def attention_output_kind(position: int) -> str:
+    """The planner's label of output ``position`` of an attention kernel (NOTE [ Saved tensor classes ] rule 6)."""
+    return "attention_output" if position == 0 else "lse"
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -211,7 +227,7 @@ class AttentionKernelMode(TorchDispatchMode):
     def __init__(self, replay: Optional[Callable[[int, Any, tuple], tuple]] = None) -> None:
         super().__init__()
         self.replay = replay
-        self.output_keys: set[int] = set()
+        self.output_positions: dict[int, int] = {}   # storage key -> position among its kernel's outputs
         self.outputs: list[tuple] = []
         self.random_ops: set[str] = set()   # seeded random ops outside attention (dropout)
 
@@ -225,15 +241,19 @@ class AttentionKernelMode(TorchDispatchMode):
             else:
                 out = func(*args, **kwargs)
             self.outputs.append(out)
-            for t in out if isinstance(out, (tuple, list)) else (out,):
+            for position, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor) and t.numel() > 0:
-                    self.output_keys.add(storage_key(t))
+                    self.output_positions.setdefault(storage_key(t), position)
             return out
         return func(*args, **kwargs)
 
 
 class Classifier:
-    """Classifies a saved tensor of one layer call. See NOTE [ Saved tensor classes ]."""
+    """Classifies a saved tensor of one layer call, for the runtime and the planner alike.
+
+    ``kernel_mode`` must be active around the layer call, so that the attention kernel's outputs are
+    known when autograd saves them. See NOTE [ Saved tensor classes ].
+    """
 
     def __init__(self, layer: torch.nn.Module, call: LayerCall, kernel_mode: AttentionKernelMode,
                  convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
@@ -251,9 +271,16 @@ class Classifier:
             return SavedClass.INPUT
         if key in self.shared_keys:
             return SavedClass.SHARED
-        if key in self.kernel_mode.output_keys:
+        if key in self.kernel_mode.output_positions:
             return SavedClass.ATTN_OUT
         return SavedClass.OTHER
+
+    def kind(self, t: torch.Tensor) -> str:
+        """The planner's label of ``t``: NOTE [ Saved tensor classes ] rule 6."""
+        cls = self(t)
+        if cls is SavedClass.ATTN_OUT:
+            return attention_output_kind(self.kernel_mode.output_positions[storage_key(t)])
+        return PLANNER_KINDS[cls]
 
 
 def _run_recording(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall,

@@ -85,6 +85,9 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
             _check_chunkable(model)
         runtime.original_model_forward = model.forward
         model.forward = functools.partial(_causal_lm_forward, model, runtime)
+    if runtime.sp is None:   # NOTE [ Grouped heads and the math path ] in memo/attention/sdpa.py
+        from memo.attention.sdpa import install as install_sdpa
+        runtime.original_attn_implementation = install_sdpa(model)
     setattr(model, _ATTR, runtime)
     return model
 
@@ -127,6 +130,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     if runtime.sp is not None:
         from memo.attention.hf import uninstall
         uninstall(model, runtime.layers, runtime.original_attn_implementation)
+    elif runtime.original_attn_implementation is not None:
+        model.set_attn_implementation(runtime.original_attn_implementation)
     runtime.close()
     delattr(model, _ATTR)
     return model

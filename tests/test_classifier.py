@@ -1,0 +1,83 @@
+"""One saved-tensor classifier for the runtime and the planner (NOTE [ Saved tensor classes ] rule 6).
+
+The runtime's classes (``memo.trace.trace_layer``, which the swap executor's records follow) and the
+planner's (``memo.profile``: ``profile_layer_saved`` and ``profile_model`` behind ``memo plan``) are
+compared per saved tensor with each other and with an oracle that shares no code with them: a
+plain run of the same layer whose saved tensors are matched by storage address against the
+parameters, the input, RoPE's cos/sin and the tensors autograd's SDPA node keeps as its output
+and log-sum-exp. Agreement alone would not catch a wrong shared rule; the oracle does.
+"""
+
+import pytest
+import torch
+
+from memo.profile import _layer_classes, hf_config_from_model, profile_layer_saved, profile_model
+from memo.trace import LayerCall, SavedClass, trace_layer
+from test_profile import SMALL
+
+SEQ, BATCH = 16, 2
+CLASS_OF_KIND = {"param": SavedClass.PARAM, "layer_input": SavedClass.INPUT, "shared": SavedClass.SHARED,
+                 "attention_output": SavedClass.ATTN_OUT, "lse": SavedClass.ATTN_OUT, "other": SavedClass.OTHER}
+
+
+def _layer(model: dict):
+    """A real fp32 decoder layer built from the planner's config, its input and shared arguments."""
+    torch.manual_seed(0)
+    cfg = hf_config_from_model(model)
+    layer_cls, rope_cls, _ = _layer_classes(cfg)
+    layer = layer_cls(cfg, layer_idx=0)
+    x = torch.randn(BATCH, SEQ, model["hidden"], requires_grad=True)
+    shared = None
+    if model["model_type"] != "gpt2":
+        shared = tuple(t.detach() for t in rope_cls(cfg)(x, torch.arange(SEQ).unsqueeze(0)))
+    return layer, x, shared
+
+
+def _oracle_kinds(layer, x, shared) -> list[str]:
+    """The planner's label of each saved tensor, from storage addresses and the autograd graph."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = layer(x) if shared is None else layer(x, attention_mask=None, position_embeddings=shared)
+    out = res[0] if isinstance(res, tuple) else res
+    attention = {}
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "ScaledDotProduct" in node.name():
+            attention[node._saved_output.untyped_storage().data_ptr()] = "attention_output"
+            attention[node._saved_logsumexp.untyped_storage().data_ptr()] = "lse"
+        stack.extend(f for f, _ in node.next_functions)
+    assert set(attention.values()) == {"attention_output", "lse"}, "the layer ran no fused SDPA kernel"
+    params = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    shared_ptrs = {t.untyped_storage().data_ptr() for t in shared or ()}
+    x_ptr = x.untyped_storage().data_ptr()
+    return ["param" if p in params else "layer_input" if p == x_ptr else "shared" if p in shared_ptrs
+            else attention.get(p, "other") for p in saved]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_runtime_and_planner_classify_every_saved_tensor_alike(family):
+    model = SMALL[family]
+    layer, x, shared = _layer(model)
+    expected = _oracle_kinds(layer, x, shared)
+    assert {"param", "layer_input", "attention_output", "lse", "other"} <= set(expected)
+    assert ("shared" in expected) == (shared is not None)
+    expected_classes = [CLASS_OF_KIND[k] for k in expected]
+
+    kwargs = {} if shared is None else {"attention_mask": None, "position_embeddings": shared}
+    runtime = [info.cls for info in trace_layer(layer.forward, layer, LayerCall(x, (), kwargs)).saved]
+    planner, _ = profile_layer_saved(layer, x, shared)
+    got = {"runtime": runtime, "planner": [SavedClass(s["class"]) for s in planner]}
+    assert got == {"runtime": expected_classes, "planner": expected_classes}
+    assert [s["kind"] for s in planner] == expected
+    # memo plan's profile (its own layer, fake tensors) labels the same layer's saved tensors alike.
+    profiled = profile_model(model, seq_len=SEQ, micro_batch=BATCH, dtype="fp32", loss_chunk=None)
+    assert [s["kind"] for s in profiled.saved] == expected
