@@ -3,15 +3,18 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "checks.h"
 #include "layout.h"
@@ -19,6 +22,12 @@
 
 namespace memo {
 namespace {
+
+std::array<std::atomic<int64_t>, static_cast<size_t>(CopyCounter::kCount)> copy_counters{};
+// memo._C.copy_counters()' keys, in CopyCounter's order. See NOTE [ Copy counters ].
+constexpr std::array<const char*, static_cast<size_t>(CopyCounter::kCount)> kCopyCounterNames = {
+    "d2h_dma_bytes", "d2h_kernel_bytes", "h2d_dma_bytes", "h2d_kernel_bytes", "d2d_kernel_bytes",
+    "host_pack_bytes", "host_unpack_bytes"};
 
 constexpr int64_t kUnitBytes = 1 << 18;      // bytes per unit of work handed to a thread
 
@@ -223,6 +232,7 @@ void pack_tokens_cpu(const at::Tensor& src, int64_t dim, int64_t start, int64_t 
   SliceLayout l = check_token_slice("pack_tokens", src, dim, start, stop, out, "out");
   if (l.numel == 0) return;
   const int64_t esize = src.element_size();
+  count_copy(CopyCounter::kHostPack, l.numel * esize);
   auto* base = static_cast<uint8_t*>(src.data_ptr()) + l.offset * esize;
   copy_dispatch<true>(base, static_cast<uint8_t*>(out.data_ptr()), l, esize);
 }
@@ -236,11 +246,112 @@ void unpack_tokens_cpu(const at::Tensor& packed, const at::Tensor& dst, int64_t 
   SliceLayout l = check_token_slice("unpack_tokens", dst, dim, start, start + n, packed, "packed");
   if (l.numel == 0) return;
   const int64_t esize = dst.element_size();
+  count_copy(CopyCounter::kHostUnpack, l.numel * esize);
   auto* base = static_cast<uint8_t*>(dst.data_ptr()) + l.offset * esize;
   copy_dispatch<false>(base, static_cast<uint8_t*>(packed.data_ptr()), l, esize);
 }
 
+// One piece of a copy plan on the host, exactly as cudaMemcpy3D moves linear memory: row y of
+// slice z at ptr + z * (pitch * ysize) + y * pitch, on each side. CUDA's own checks are
+// repeated here, so a plan that would make CUDA refuse fails the CPU tests too.
+// See NOTE [ Token slice copy plan ] rule 1.
+void pitched_copy_host(const PitchedCopy& c) {
+  for (const PitchedSide& side : {c.dst_side, c.src_side}) {
+    TORCH_CHECK(c.width <= side.pitch && side.pitch <= kMaxPitchBytes && (c.depth == 1 || c.height <= side.ysize),
+                "memo.ops: copy plan: width ", c.width, ", height ", c.height, " against pitch ", side.pitch,
+                ", ysize ", side.ysize, " would be refused by CUDA (bug in memo; please report it)");
+  }
+  auto* dst = static_cast<uint8_t*>(c.dst);
+  const auto* src = static_cast<const uint8_t*>(c.src);
+  for (int64_t z = 0; z < c.depth; ++z) {
+    for (int64_t y = 0; y < c.height; ++y) {
+      std::memcpy(dst + z * c.dst_side.pitch * c.dst_side.ysize + y * c.dst_side.pitch,
+                  src + z * c.src_side.pitch * c.src_side.ysize + y * c.src_side.pitch, c.width);
+    }
+  }
+}
+
+// The plan's host executor, a test entry point for the DMA path of cuda_ops.cpp (which issues the
+// same pieces with cudaMemcpy2DAsync/3DAsync). kPack: strided -> packed.
+template <bool kPack>
+void copy_by_plan(const at::Tensor& strided, int64_t dim, int64_t start, int64_t stop, const at::Tensor& packed) {
+  const char* op = kPack ? "pack_by_plan" : "unpack_by_plan";
+  MEMO_CHECK_ARG(op, strided.device().is_cpu() && packed.device().is_cpu(), "tensors",
+                 "must be CPU tensors (this is the host executor of the GPU's copy plan)");
+  SliceLayout l = check_token_slice(op, strided, dim, start, stop, packed, kPack ? "out" : "packed");
+  const int64_t esize = strided.element_size();
+  const CopyPlan plan = make_copy_plan(l, esize);
+  MEMO_CHECK_ARG(op, plan.dma, "src/dst", "has a slice that needs the gather kernel: ", plan.reason,
+                 "; see memo._C.copy_plan");
+  const auto* base = static_cast<const uint8_t*>(strided.data_ptr()) + l.offset * esize;
+  for_each_pitched_copy(plan, base, packed.data_ptr(), kPack, pitched_copy_host);
+}
+
+pybind11::dict plan_dict(const CopyPlan& p) {
+  pybind11::dict d;
+  d["dma"] = p.dma;
+  d["reason"] = std::string(p.reason);
+  d["pieces"] = p.pieces;
+  d["width"] = p.width;
+  d["height"] = p.height;
+  d["depth"] = p.depth;
+  d["strided_pitch"] = p.strided.pitch;
+  d["strided_ysize"] = p.strided.ysize;
+  d["packed_pitch"] = p.packed.pitch;
+  d["packed_ysize"] = p.packed.ysize;
+  pybind11::list loops;
+  for (int i = 0; i < p.loops; ++i) loops.append(pybind11::make_tuple(p.loop_sizes[i], p.loop_strided[i], p.loop_packed[i]));
+  d["loops"] = loops;  // (size, strided stride, packed stride) in bytes
+  return d;
+}
+
 }  // namespace
+
+void count_copy(CopyCounter counter, int64_t bytes) {
+  copy_counters[static_cast<size_t>(counter)].fetch_add(bytes, std::memory_order_relaxed);
+}
+
+// memo._C entries of the copy plan and the copy counters; called from bindings.cpp.
+void init_copy_bindings(pybind11::module_& m) {
+  namespace py = pybind11;
+  // sizes/strides: the whole tensor (strides in elements); the slice is [start, stop) of `dim`.
+  m.def("copy_plan", [](const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides, int64_t dim,
+                        int64_t start, int64_t stop, int64_t element_size) {
+    const int64_t ndim = static_cast<int64_t>(sizes.size());
+    MEMO_CHECK_ARG("copy_plan", ndim > 0 && strides.size() == sizes.size(), "sizes/strides",
+                   "must be equally long and not empty, got ", ndim, " sizes and ", strides.size(), " strides");
+    MEMO_CHECK_ARG("copy_plan", dim >= -ndim && dim < ndim, "dim", "is ", dim, " for ", ndim, " dimensions");
+    if (dim < 0) dim += ndim;
+    MEMO_CHECK_ARG("copy_plan", 0 <= start && start <= stop && stop <= sizes[dim], "start/stop", "[", start, ", ",
+                   stop, ") is not inside the ", sizes[dim], " tokens of dimension ", dim);
+    MEMO_CHECK_ARG("copy_plan", element_size > 0, "element_size", "is ", element_size, ", must be positive");
+    for (int64_t d = 0; d < ndim; ++d) {
+      MEMO_CHECK_ARG("copy_plan", sizes[d] >= 0 && strides[d] >= 0, "sizes/strides", "must not be negative, got ",
+                     sizes[d], " and ", strides[d], " at dimension ", d);
+    }
+    SliceLayout l;
+    MEMO_CHECK_ARG("copy_plan",
+                   make_slice_layout(sizes.data(), strides.data(), static_cast<int>(ndim), static_cast<int>(dim),
+                                     start, stop, &l),
+                   "sizes/strides", "have more than ", kMaxCopyDims, " dimensions that cannot be merged");
+    return plan_dict(make_copy_plan(l, element_size));
+  }, py::arg("sizes"), py::arg("strides"), py::arg("dim"), py::arg("start"), py::arg("stop"),
+     py::arg("element_size"));
+  m.def("_pack_by_plan", &copy_by_plan<true>, py::arg("src"), py::arg("dim"), py::arg("start"), py::arg("stop"),
+        py::arg("out"));
+  m.def("_unpack_by_plan", [](const at::Tensor& packed, const at::Tensor& dst, int64_t dim, int64_t start) {
+    const int64_t n = unpack_token_count(packed, dst, dim);
+    copy_by_plan<false>(dst, dim, start, start + n, packed);
+  }, py::arg("packed"), py::arg("dst"), py::arg("dim"), py::arg("start"));
+  m.def("copy_counters", [] {
+    py::dict d;
+    for (size_t i = 0; i < kCopyCounterNames.size(); ++i) d[kCopyCounterNames[i]] = copy_counters[i].load();
+    return d;
+  });
+  m.def("reset_copy_counters", [] {
+    for (auto& c : copy_counters) c.store(0);
+  });
+}
 
 // Shared argument checks of both ops; returns the slice layout. `packed` is the contiguous side.
 SliceLayout check_token_slice(const char* op, const at::Tensor& strided, int64_t& dim, int64_t start,

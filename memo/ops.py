@@ -1,7 +1,8 @@
 """Typed Python face of memo's copy ops, with the pure-torch fallback of each.
 
 The C++ extension ``memo._C`` (see ``csrc/``) provides multi-threaded CPU implementations and,
-in CUDA builds, gather/scatter kernels; when it is missing, or ``MEMO_DISABLE_CSRC=1``, the
+in CUDA builds, pitched DMA copies between a GPU and host memory (a gather/scatter kernel only
+for layouts that need one; NOTE [ Token slice copy plan ]); when it is missing, or ``MEMO_DISABLE_CSRC=1``, the
 fallbacks below run. Both give identical bytes (``tests/test_ops.py``). See
 NOTE [ Token slice layout ] in ``csrc/layout.h``.
 """
@@ -65,6 +66,56 @@ def _native(*tensors: torch.Tensor):
     return None
 
 
+# Bytes copied through torch's ``copy_`` (memo._C counts its own; see copy_counters): the
+# pure-torch fallbacks below, and the swap records' whole-tensor and dtype-converting copies.
+TORCH_COPY_KINDS = ("torch_fallback_bytes", "d2h_whole_bytes", "h2d_whole_bytes", "d2h_convert_bytes",
+                    "h2d_convert_bytes")
+_torch_bytes = dict.fromkeys(TORCH_COPY_KINDS, 0)
+
+
+def count_torch_copy(kind: str, nbytes: int) -> None:
+    """Count a copy made with torch's ``copy_`` under ``kind`` (one of TORCH_COPY_KINDS)."""
+    _torch_bytes[kind] += nbytes
+
+
+def copy_counters() -> dict[str, int]:
+    """Bytes pack/unpack copied since the last reset, by direction and path.
+
+    ``d2h_dma_bytes`` / ``h2d_dma_bytes``: pitched DMA copies between a GPU and host memory (no
+    kernel); ``d2h_kernel_bytes`` / ``h2d_kernel_bytes``: layouts that needed the gather/scatter
+    kernel; ``d2d_kernel_bytes``: on-device copies; ``host_pack_bytes`` / ``host_unpack_bytes``:
+    memo._C's CPU copies; ``torch_fallback_bytes``: the pure-torch fallback's ``copy_``;
+    ``*_whole_bytes``: records swapped whole (one contiguous span: a single cudaMemcpyAsync on a
+    GPU); ``*_convert_bytes``: records swapped in another dtype (torch's cast-and-copy kernel).
+    Counted when a copy is issued, process-wide. See NOTE [ Copy counters ] in ``csrc/token_copy.h``.
+    """
+    counts = dict(_ext._module.copy_counters()) if _ext._module is not None else {}
+    counts.update(_torch_bytes)
+    return counts
+
+
+def reset_copy_counters() -> None:
+    for kind in _torch_bytes:
+        _torch_bytes[kind] = 0
+    if _ext._module is not None:
+        _ext._module.reset_copy_counters()
+
+
+def copy_plan(shape, strides, dim: int, start: int, stop: int, element_size: int) -> dict:
+    """How memo copies ``narrow(dim, start, stop - start)`` of a tensor with this layout between a
+    GPU and host memory: ``dma`` (pitched ``cudaMemcpy2DAsync`` / ``cudaMemcpy3DAsync`` pieces:
+    ``pieces`` calls of ``width`` bytes x ``height`` rows x ``depth`` slices) or, when ``dma`` is
+    False, the gather kernel (``reason`` says why). strides in elements. Pure computation, any
+    machine; see NOTE [ Token slice copy plan ] in ``csrc/layout.h``.
+    """
+    if _ext._module is None:
+        raise MemoError(f"memo.ops: copy_plan needs memo._C: {_ext._load_error}")
+    try:
+        return _ext._module.copy_plan(list(shape), list(strides), dim, start, stop, element_size)
+    except RuntimeError as e:
+        raise MemoError(_cpp_message(e)) from e
+
+
 def pack_tokens(src: torch.Tensor, dim: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
     """Copy ``src.narrow(dim, start, stop - start)`` into contiguous ``out``.
 
@@ -85,6 +136,7 @@ def pack_tokens(src: torch.Tensor, dim: int, start: int, stop: int, out: torch.T
     dim = _check("pack_tokens", src, dim, start, stop, out, "out")
     view = out.view(token_slice_shape(src, dim, start, stop))
     view.copy_(src.narrow(dim, start, stop - start))
+    count_torch_copy("torch_fallback_bytes", view.numel() * view.element_size())
     return view
 
 
@@ -105,6 +157,7 @@ def unpack_tokens(packed: torch.Tensor, dst: torch.Tensor, dim: int, start: int)
     dim, n = _check_unpack(packed, dst, dim, start)
     target = dst.narrow(dim, start, n)
     target.copy_(packed.view(target.shape))
+    count_torch_copy("torch_fallback_bytes", target.numel() * target.element_size())
 
 
 def _check_unpack(packed: torch.Tensor, dst: torch.Tensor, dim: int, start: int) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-// Gather a token slice of a strided device tensor into a contiguous buffer, and scatter back.
+// Token slices between a strided device tensor and a contiguous buffer: pitched DMA copies
+// where the copy plan allows (NOTE [ Token slice copy plan ]), else a gather/scatter kernel.
 // See NOTE [ Token slice layout ] (csrc/layout.h) for what the layout means.
 
 #include <cstdint>
@@ -28,11 +29,13 @@ int widen(SliceLayout* l, int esize, const void* a, const void* b) {
   return esize;
 }
 
-// One thread per unit of the packed buffer, grid-stride; kGather: strided -> packed.
+// One thread per unit of the packed buffer, grid-stride, over units [begin, end) of the packed
+// order; `packed` points at unit `begin`. kGather: strided -> packed.
 template <typename T, bool kGather>
-__global__ void token_copy_kernel(T* strided, T* packed, SliceLayout l) {
+__global__ void token_copy_kernel(T* strided, T* packed, SliceLayout l, int64_t begin, int64_t end) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < l.numel; i += stride) {
+  packed -= begin;
+  for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride) {
     int64_t rem = i, off = 0;
     for (int d = l.ndim - 1; d >= 0; --d) {
       off += (rem % l.sizes[d]) * l.strides[d];
@@ -50,37 +53,43 @@ struct alignas(16) Unit16 {
   uint64_t lo, hi;
 };
 
+// begin, end: elements of the packed order (see gather_tokens_range in kernels.h).
 template <bool kGather>
-cudaError_t launch(void* strided, void* packed, SliceLayout l, int esize, cudaStream_t stream) {
-  if (l.numel == 0) return cudaSuccess;
+cudaError_t launch(void* strided, void* packed, SliceLayout l, int esize, int64_t begin, int64_t end,
+                   cudaStream_t stream) {
+  if (begin >= end) return cudaSuccess;
   if (l.ndim == 0) {  // one element
     l.ndim = 1;
     l.sizes[0] = 1;
     l.strides[0] = 1;
   }
   const int unit = widen(&l, esize, strided, packed);
-  const int64_t blocks64 = (l.numel + kThreads - 1) / kThreads;
+  const int64_t scale = unit / esize;  // elements per unit
+  if (begin % scale != 0 || end % scale != 0) return cudaErrorInvalidValue;  // a range not on unit boundaries
+  begin /= scale;
+  end /= scale;
+  const int64_t blocks64 = (end - begin + kThreads - 1) / kThreads;
   const unsigned blocks = static_cast<unsigned>(blocks64 < 65535 * 8 ? blocks64 : 65535 * 8);
   switch (unit) {
     case 1:
       token_copy_kernel<uint8_t, kGather><<<blocks, kThreads, 0, stream>>>(
-          static_cast<uint8_t*>(strided), static_cast<uint8_t*>(packed), l);
+          static_cast<uint8_t*>(strided), static_cast<uint8_t*>(packed), l, begin, end);
       break;
     case 2:
       token_copy_kernel<uint16_t, kGather><<<blocks, kThreads, 0, stream>>>(
-          static_cast<uint16_t*>(strided), static_cast<uint16_t*>(packed), l);
+          static_cast<uint16_t*>(strided), static_cast<uint16_t*>(packed), l, begin, end);
       break;
     case 4:
       token_copy_kernel<uint32_t, kGather><<<blocks, kThreads, 0, stream>>>(
-          static_cast<uint32_t*>(strided), static_cast<uint32_t*>(packed), l);
+          static_cast<uint32_t*>(strided), static_cast<uint32_t*>(packed), l, begin, end);
       break;
     case 8:
       token_copy_kernel<uint64_t, kGather><<<blocks, kThreads, 0, stream>>>(
-          static_cast<uint64_t*>(strided), static_cast<uint64_t*>(packed), l);
+          static_cast<uint64_t*>(strided), static_cast<uint64_t*>(packed), l, begin, end);
       break;
     case 16:
       token_copy_kernel<Unit16, kGather><<<blocks, kThreads, 0, stream>>>(
-          static_cast<Unit16*>(strided), static_cast<Unit16*>(packed), l);
+          static_cast<Unit16*>(strided), static_cast<Unit16*>(packed), l, begin, end);
       break;
     default:
       return cudaErrorInvalidValue;  // element sizes other than 1, 2, 4, 8, 16 bytes
@@ -92,12 +101,46 @@ cudaError_t launch(void* strided, void* packed, SliceLayout l, int esize, cudaSt
 
 cudaError_t gather_tokens(const void* strided, void* packed, const SliceLayout& layout, int esize,
                           cudaStream_t stream) {
-  return launch<true>(const_cast<void*>(strided), packed, layout, esize, stream);
+  return launch<true>(const_cast<void*>(strided), packed, layout, esize, 0, layout.numel, stream);
 }
 
 cudaError_t scatter_tokens(const void* packed, void* strided, const SliceLayout& layout, int esize,
                            cudaStream_t stream) {
-  return launch<false>(strided, const_cast<void*>(packed), layout, esize, stream);
+  return launch<false>(strided, const_cast<void*>(packed), layout, esize, 0, layout.numel, stream);
+}
+
+cudaError_t gather_tokens_range(const void* strided, void* packed, const SliceLayout& layout, int esize,
+                                int64_t begin, int64_t end, cudaStream_t stream) {
+  return launch<true>(const_cast<void*>(strided), packed, layout, esize, begin, end, stream);
+}
+
+cudaError_t scatter_tokens_range(const void* packed, void* strided, const SliceLayout& layout, int esize,
+                                 int64_t begin, int64_t end, cudaStream_t stream) {
+  return launch<false>(strided, const_cast<void*>(packed), layout, esize, begin, end, stream);
+}
+
+cudaError_t copy_plan_async(const CopyPlan& plan, const void* strided, const void* packed, bool to_packed,
+                            cudaMemcpyKind kind, cudaStream_t stream) {
+  if (!plan.dma) return cudaErrorInvalidValue;  // the plan needs the gather kernel
+  cudaError_t err = cudaSuccess;
+  // One call per piece, in the terms NOTE [ Token slice copy plan ] rule 1 gives (and
+  // pitched_copy_host in token_copy.cpp runs on the CPU tests).
+  for_each_pitched_copy(plan, strided, packed, to_packed, [&](const PitchedCopy& c) {
+    if (err != cudaSuccess) return;
+    if (c.height == 1 && c.depth == 1) {
+      err = cudaMemcpyAsync(c.dst, c.src, c.width, kind, stream);
+    } else if (c.depth == 1) {
+      err = cudaMemcpy2DAsync(c.dst, c.dst_side.pitch, c.src, c.src_side.pitch, c.width, c.height, kind, stream);
+    } else {
+      cudaMemcpy3DParms p = {};
+      p.srcPtr = make_cudaPitchedPtr(const_cast<void*>(c.src), c.src_side.pitch, c.width, c.src_side.ysize);
+      p.dstPtr = make_cudaPitchedPtr(c.dst, c.dst_side.pitch, c.width, c.dst_side.ysize);
+      p.extent = make_cudaExtent(c.width, c.height, c.depth);
+      p.kind = kind;
+      err = cudaMemcpy3DAsync(&p, stream);
+    }
+  });
+  return err;
 }
 
 }  // namespace cuda

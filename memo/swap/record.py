@@ -125,6 +125,7 @@ class SwapRecord:
         if self.mode == "whole":
             flat = source.as_strided((self.numel(),), (1,), self.span[0])
             self.host.view(dtype, (self.numel(),)).copy_(flat, non_blocking=True)
+            ops.count_torch_copy("d2h_whole_bytes" if dtype == self.dtype else "d2h_convert_bytes", self.host_bytes())
             return
         src = self.layout.tokens_view(source, self.batch)
         dst = self.host.view(dtype, ops.token_slice_shape(src, self.token_dim, self.split, self.seq))
@@ -132,6 +133,7 @@ class SwapRecord:
             ops.pack_tokens(src, self.token_dim, self.split, self.seq, dst)
         else:
             dst.copy_(src.narrow(self.token_dim, self.split, self.seq - self.split), non_blocking=True)
+            ops.count_torch_copy("d2h_convert_bytes", self.host_bytes())
 
     def allocate_device(self) -> None:
         """The device buffer the swapped part comes back into (compute stream)."""
@@ -148,6 +150,7 @@ class SwapRecord:
             return
         if self.mode == "whole":
             self.value.copy_(self.host.view(dtype, (self.numel(),)), non_blocking=True)
+            ops.count_torch_copy("h2d_whole_bytes" if dtype == self.dtype else "h2d_convert_bytes", self.host_bytes())
         else:
             dst = self.layout.tokens_view(self.value, self.batch)
             shape = ops.token_slice_shape(dst, self.token_dim, self.split, self.seq)
@@ -156,6 +159,7 @@ class SwapRecord:
                 ops.unpack_tokens(packed, dst, self.token_dim, self.split)
             else:
                 dst.narrow(self.token_dim, self.split, self.seq - self.split).copy_(packed, non_blocking=True)
+                ops.count_torch_copy("h2d_convert_bytes", self.host_bytes())
 
     def fill_recomputed(self, recomputed: torch.Tensor) -> None:
         """Write the recomputed tokens ``[0, split)`` (compute stream)."""
