@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from memo.errors import MemoError
+from memo.planned_memory import off_plan
 from memo.swap.record import RecordState, SwapRecord, geometry, make_record, view_index
 from memo.trace import AttentionKernelMode, Classifier, KERNEL_TOKEN_DIM, LayerCall, LayerTrace, SavedClass, \
     autocast_like, autocast_state, storage_key
@@ -176,7 +177,8 @@ class LayerState:
                             f"pass and released; memo does not support retain_graph=True or a second backward "
                             f"through a wrapped layer; run one backward per forward")
         if self.phase is LayerPhase.SWAPPED:
-            self.materialize()
+            with off_plan(self.runtime.planned_memory):   # NOTE [ Planned memory at run time ] rule 3
+                self.materialize()
         rec = self.records[x.key]
         value = rec.view_value(view_index(rec, x.geom))
         rec.unpacks += 1

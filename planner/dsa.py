@@ -33,7 +33,8 @@ def align_allocs(allocs: list[Alloc], alignment: int) -> list[Alloc]:
     """Round every size up to ``alignment`` bytes (CUDA allocations are 512-byte aligned)."""
     if alignment <= 1:
         return list(allocs)
-    return [Alloc(a.id, (a.bytes + alignment - 1) // alignment * alignment, a.start, a.end, a.kind) for a in allocs]
+    return [Alloc(a.id, (a.bytes + alignment - 1) // alignment * alignment, a.start, a.end, a.kind, a.op)
+            for a in allocs]
 
 
 def _exact_offsets(allocs: list[Alloc], order: list[int], pairs: list[tuple[int, int]]) -> dict[str, int]:

@@ -32,6 +32,7 @@ class Alloc:
     start: int
     end: int
     kind: str = "other"
+    op: str = ""      # the op that made it ("carried": live when the block starts); see planfile.arena_phases
 
     def __post_init__(self) -> None:
         if self.bytes < 0:
@@ -151,5 +152,5 @@ class Layout:
             "status": self.status,
             "solve_s": self.solve_s,
             "tensors": [{"id": a.id, "bytes": int(a.bytes), "start": a.start, "end": a.end, "kind": a.kind,
-                         "offset": int(self.offsets[a.id])} for a in self.allocs],
+                         "offset": int(self.offsets[a.id]), **({"op": a.op} if a.op else {})} for a in self.allocs],
         }

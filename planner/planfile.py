@@ -20,13 +20,15 @@ Layer tensors are listed in allocation order: ``f{k}`` / ``b{k}`` is the k-th st
 layer's forward / backward allocates (``b`` ids first list the saved activations live when the
 backward starts), with sizes rounded up to 512 bytes; parameter gradients are model states and
 are left out, so some k are skipped. An allocator replaying the layer's requests in order can
-take ``offset`` for the k-th request.
+take ``offset`` for the k-th request (``arena_phases``; which ones: NOTE [ Planned allocations ],
+summarised in the file's ``layer.planned``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional
 
 from .cost import SP_BACKENDS
@@ -148,3 +150,93 @@ def check_plan_matches(plan: dict, *, model: dict, seq_len: int, micro_batch: in
     if diffs:
         raise PlanMismatch("memo.plan: the plan was made for another job (" + "; ".join(diffs) + "); make a plan "
                            "for this job with `memo plan` using these values, or drop MemoConfig(plan=...)")
+
+
+# --- which allocations the run-time arena serves --------------------------------------------------
+
+# NOTE [ Planned allocations ]
+#   The runtime arena (memo/planned_memory.py, csrc/arena.h) replays a layer's requests by
+#   index within a phase (NOTE [ Arena replay ]). The k-th request is the tensor ``f{n}`` /
+#   ``b{n}`` with the k-th smallest n among the requests, where:
+#   1. a tensor is not a request when it exists before the phase (``op`` "carried": saved
+#      activations memo restores itself; "argument": the layer input), when it is the
+#      profiler's gradient seed (``op`` "ones_like" at step 0 of the backward: in a run that
+#      gradient comes from the layer above), or when it is modelled rather than allocated in op
+#      order (``MODELLED_KINDS``: SP buffers the planner adds at the attention step);
+#   2. an id number missing from the layout (a parameter gradient: a model state the planner
+#      leaves out) is a request the arena leaves to the fallback (unplanned), so the requests
+#      after it keep their index;
+#   3. a request that outlives the phase (``end`` equals the block's last step: the layer
+#      output, saved activations, the input gradient) is unplanned too: a span held across
+#      phases would collide with the next phase's plan;
+#   4. every other request is planned: served at its ``offset``, matched against the request
+#      rounded up to ``ARENA_ALIGNMENT`` bytes, as PyTorch's allocator rounds (the planner
+#      rounds the plan's sizes the same way).
+#   Library workspaces (cuBLAS, cuDNN) are absent from the trace: they arrive as extra requests,
+#   go to the fallback as misses and shift the requests after them within the phase.
+
+ARENA_ALIGNMENT = 512
+MODELLED_KINDS = ("ring_buffer", "ulysses_buffer")
+_NOT_REQUESTS = ("carried", "argument")
+_GRAD_SEED_OP = "ones_like"
+LAYER_PHASES = ("forward", "backward")
+_ID = re.compile(r"^[fb](\d+)$")
+
+
+def _is_request(t: dict, part: str) -> bool:
+    """Rule 1."""
+    if t.get("op") in _NOT_REQUESTS or t.get("kind", "other") in MODELLED_KINDS or not _ID.match(t["id"]):
+        return False
+    return not (part == "backward" and t.get("op") == _GRAD_SEED_OP and t["start"] == 0)
+
+
+def _phase_slots(layout: dict, part: str) -> list[tuple[Optional[dict], str]]:
+    """Per request index: (tensor or None for a missing id, why it is unplanned or "")."""
+    tensors = layout["tensors"]
+    last = max((t["end"] for t in tensors), default=0)
+    by_n = {int(_ID.match(t["id"]).group(1)): t for t in tensors if _ID.match(t["id"])}
+    skip = {n for n, t in by_n.items() if not _is_request(t, part)}
+    slots = []
+    for n in range(max(by_n, default=-1) + 1):
+        if n in skip:
+            continue
+        t = by_n.get(n)
+        if t is None:
+            slots.append((None, "param_grad"))                          # rule 2
+        elif t["end"] >= last or t["bytes"] == 0:
+            slots.append((t, t.get("kind", "other")))                              # rule 3
+        else:
+            slots.append((t, ""))                                       # rule 4
+    return slots
+
+
+def planned_allocations(plan: dict) -> dict:
+    """Per layer phase: how many requests and bytes the arena serves, and what it leaves to the
+    fallback, by kind. See NOTE [ Planned allocations ]."""
+    out = {}
+    for part in LAYER_PHASES:
+        slots = _phase_slots(plan["layer"][part], part)
+        planned = [t for t, why in slots if not why]
+        left: dict[str, dict] = {}
+        for t, why in slots:
+            if why:
+                entry = left.setdefault(why, {"count": 0, "bytes": 0})
+                entry["count"] += 1
+                entry["bytes"] += 0 if t is None else t["bytes"]
+        out[part] = {"requests": len(slots), "planned_count": len(planned),
+                     "planned_bytes": sum(t["bytes"] for t in planned),
+                     "planned_peak_bytes": max((t["offset"] + t["bytes"] for t in planned), default=0),
+                     "unplanned_by_kind": left, "alignment": ARENA_ALIGNMENT}
+    return out
+
+
+def arena_phases(plan: dict) -> tuple[int, list[list[tuple[Optional[int], int]]]]:
+    """``(arena_bytes, phases)`` for ``memo.arena.ArenaPlan``: phase 0 is the layer's forward,
+    phase 1 its backward; each lists ``(offset, bytes)`` per request, ``offset`` None for an
+    unplanned one. The arena is as large as the highest planned span of either phase."""
+    phases = []
+    for part in LAYER_PHASES:
+        phases.append([(None if why else t["offset"], 0 if t is None else t["bytes"])
+                       for t, why in _phase_slots(plan["layer"][part], part)])
+    arena = max((off + size for ph in phases for off, size in ph if off is not None), default=0)
+    return arena, phases

@@ -1,10 +1,14 @@
-// The planned arena as a PyTorch pluggable allocator (CUDAPluggableAllocator): one cudaMalloc
-// per device-arena, requests replayed against the plan by csrc/arena.h, misses served by
-// stream-ordered cudaMallocAsync on the requesting stream.
-// Life cycle: memo_arena_configure once (no allocation in flight through this allocator), then
-// phases, then memo_arena_release once all arena blocks are freed; alloc/free themselves are
-// thread-safe (the replay holds a mutex), configure/release are not concurrent with them.
+// The planned arena as PyTorch's CUDA allocator (torch.cuda.memory.CUDAPluggableAllocator
+// installed with change_current_allocator; see NOTE [ Planned memory at run time ] in
+// memo/planned_memory.py for why process-wide and not a MemPool). One cudaMalloc per device
+// arena; requests replayed against the plan by csrc/arena.h; everything else (no arena on
+// that device, misses, unplanned, outside a phase) served by stream-ordered cudaMallocAsync on
+// the requesting stream, from the device's default memory pool set to keep what it frees.
+// Life cycle per device: memo_arena_configure once (no arena there yet), then phases, then
+// memo_arena_release once all arena blocks are freed. alloc/free are thread-safe (the replay
+// holds a mutex); configure/release are not concurrent with alloc/free on that device.
 
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -17,28 +21,66 @@
 
 namespace {
 
-thread_local cudaStream_t tls_stream = nullptr;  // the stream of the request being served
+constexpr int kMaxDevices = 64;
 
+// Misses and unplanned requests: CUDA's stream-ordered allocator. The first use on a device
+// raises its pool's release threshold so freed memory is cached, not returned at every sync
+// (what PyTorch's backend:cudaMallocAsync does).
 struct StreamOrderedFallback {
-  void* allocate(size_t size) {
-    void* ptr = nullptr;
-    return cudaMallocAsync(&ptr, size, tls_stream) == cudaSuccess ? ptr : nullptr;
+  static void keep_freed_memory(int device) {
+    static std::once_flag once[kMaxDevices];
+    if (device < 0 || device >= kMaxDevices) return;
+    std::call_once(once[device], [device] {
+      cudaMemPool_t pool;
+      if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+        uint64_t keep = UINT64_MAX;
+        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      }
+    });
   }
-  void deallocate(void* ptr, size_t /*size*/) { cudaFreeAsync(ptr, tls_stream); }
+  void* allocate(size_t size, cudaStream_t stream) {
+    void* ptr = nullptr;
+    return cudaMallocAsync(&ptr, size, stream) == cudaSuccess ? ptr : nullptr;
+  }
+  void deallocate(void* ptr, size_t /*size*/, cudaStream_t stream) { cudaFreeAsync(ptr, stream); }
 };
 
-using Replay = memo::ArenaReplay<StreamOrderedFallback>;
+// NOTE [ Stream-ordered arena frees ] with CUDA events, recycled through a free list. Every
+// call comes under the replay's mutex, so the list needs no lock of its own.
+struct CudaEvents {
+  using Stream = cudaStream_t;
+  using Token = cudaEvent_t;
+  std::shared_ptr<std::vector<cudaEvent_t>> spare = std::make_shared<std::vector<cudaEvent_t>>();
 
-struct GlobalArena {
-  std::mutex mu;
+  Token record(Stream s) {
+    cudaEvent_t ev = nullptr;
+    if (!spare->empty()) {
+      ev = spare->back();
+      spare->pop_back();
+    } else if (cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) != cudaSuccess) {
+      throw std::runtime_error("memo.arena: cudaEventCreate failed while freeing an arena block");
+    }
+    cudaEventRecord(ev, s);
+    return ev;
+  }
+  bool query(const Token& t) { return cudaEventQuery(t) == cudaSuccess; }
+  void wait(Stream s, const Token& t) { cudaStreamWaitEvent(s, t, 0); }
+  void release(const Token& t) { spare->push_back(t); }
+  ~CudaEvents() = default;
+};
+
+using Replay = memo::ArenaReplay<StreamOrderedFallback, CudaEvents>;
+
+struct DeviceArena {
   std::unique_ptr<Replay> replay;
+  std::shared_ptr<std::vector<cudaEvent_t>> events;
   void* memory = nullptr;
-  int device = -1;
 };
 
-GlobalArena& global() {
-  static GlobalArena g;
-  return g;
+DeviceArena arenas[kMaxDevices];
+
+Replay* replay_of(int device) {
+  return device >= 0 && device < kMaxDevices ? arenas[device].replay.get() : nullptr;
 }
 
 }  // namespace
@@ -46,30 +88,30 @@ GlobalArena& global() {
 extern "C" {
 
 void* memo_arena_alloc(size_t size, int device, cudaStream_t stream) {
-  GlobalArena& g = global();
-  tls_stream = stream;
-  if (!g.replay || device != g.device) {  // no plan, or another device: plain stream-ordered memory
-    return StreamOrderedFallback{}.allocate(size);
-  }
-  return g.replay->allocate(size);
+  StreamOrderedFallback::keep_freed_memory(device);
+  Replay* r = replay_of(device);
+  return r != nullptr ? r->allocate(size, stream) : StreamOrderedFallback{}.allocate(size, stream);
 }
 
 void memo_arena_free(void* ptr, size_t size, int device, cudaStream_t stream) {
-  GlobalArena& g = global();
-  tls_stream = stream;
-  if (!g.replay || device != g.device) {
-    StreamOrderedFallback{}.deallocate(ptr, size);
-    return;
+  Replay* r = replay_of(device);
+  if (r != nullptr && r->handed_out(ptr)) {
+    r->deallocate(ptr, stream);
+  } else {  // memory handed out before this device's arena existed: plain stream-ordered memory
+    StreamOrderedFallback{}.deallocate(ptr, size, stream);
   }
-  g.replay->deallocate(ptr);  // a pointer it never saw is a bug: the exception ends the process
 }
 
 int memo_arena_configure(size_t arena_bytes, const size_t* offsets, const size_t* sizes,
-                         const size_t* phase_lengths, size_t num_phases, int device, char* err, size_t err_len) {
-  GlobalArena& g = global();
-  std::lock_guard<std::mutex> lock(g.mu);
-  if (g.replay) {
-    std::snprintf(err, err_len, "memo.arena: an arena is already configured; call memo_arena_release first");
+                         const size_t* phase_lengths, size_t num_phases, size_t alignment, int device, char* err,
+                         size_t err_len) {
+  if (device < 0 || device >= kMaxDevices) {
+    std::snprintf(err, err_len, "memo.arena: device %d is out of range [0, %d)", device, kMaxDevices);
+    return static_cast<int>(cudaErrorInvalidDevice);
+  }
+  DeviceArena& a = arenas[device];
+  if (a.replay) {
+    std::snprintf(err, err_len, "memo.arena: device %d already has an arena; call memo_arena_release first", device);
     return static_cast<int>(cudaErrorInvalidValue);
   }
   std::vector<std::vector<memo::PlannedSlot>> phases(num_phases);
@@ -77,61 +119,90 @@ int memo_arena_configure(size_t arena_bytes, const size_t* offsets, const size_t
   for (size_t p = 0; p < num_phases; ++p) {
     for (size_t i = 0; i < phase_lengths[p]; ++i, ++k) phases[p].push_back({offsets[k], sizes[k]});
   }
+  int previous = 0;
+  cudaGetDevice(&previous);
   cudaError_t e = cudaSetDevice(device);
   void* memory = nullptr;
-  if (e == cudaSuccess) e = cudaMalloc(&memory, arena_bytes);
+  if (e == cudaSuccess) e = cudaMalloc(&memory, arena_bytes == 0 ? 1 : arena_bytes);
+  cudaSetDevice(previous);
   if (e != cudaSuccess) {
     std::snprintf(err, err_len, "memo.arena: cudaMalloc of the %zu B arena failed (%s); re-plan for less memory",
                   arena_bytes, cudaGetErrorString(e));
     return static_cast<int>(e);
   }
   try {
-    g.replay = std::make_unique<Replay>(static_cast<uint8_t*>(memory), arena_bytes, std::move(phases),
-                                        StreamOrderedFallback{});
+    CudaEvents events;
+    a.events = events.spare;
+    a.replay = std::make_unique<Replay>(static_cast<uint8_t*>(memory), arena_bytes, std::move(phases), alignment,
+                                        StreamOrderedFallback{}, std::move(events));
   } catch (const std::exception& ex) {
     cudaFree(memory);
     std::snprintf(err, err_len, "%s", ex.what());
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  g.memory = memory;
-  g.device = device;
+  a.memory = memory;
   return static_cast<int>(cudaSuccess);
 }
 
-int memo_arena_begin_phase(size_t phase) {
-  GlobalArena& g = global();
-  if (!g.replay || phase >= g.replay->num_phases()) return static_cast<int>(cudaErrorInvalidValue);
-  g.replay->begin_phase(phase);
+int memo_arena_begin_phase(int device, size_t phase) {
+  Replay* r = replay_of(device);
+  if (r == nullptr || phase >= r->num_phases()) return static_cast<int>(cudaErrorInvalidValue);
+  r->begin_phase(phase);
   return static_cast<int>(cudaSuccess);
 }
 
-void memo_arena_end_phase(void) {
-  GlobalArena& g = global();
-  if (g.replay) g.replay->end_phase();
+void memo_arena_end_phase(int device) {
+  if (Replay* r = replay_of(device)) r->end_phase();
 }
 
-int memo_arena_stats(size_t* out) {
-  GlobalArena& g = global();
-  if (!g.replay) return 0;
-  memo::ArenaStats s = g.replay->stats();
-  out[0] = s.requests;
-  out[1] = s.hits;
-  out[2] = s.misses;
-  out[3] = s.conflicts;
-  out[4] = s.hit_bytes;
-  out[5] = s.miss_bytes;
-  return 1;
+void memo_arena_suspend(int device) {
+  if (Replay* r = replay_of(device)) r->suspend();
 }
 
-void memo_arena_release(void) {
-  GlobalArena& g = global();
-  std::lock_guard<std::mutex> lock(g.mu);
-  if (!g.replay) return;
-  cudaDeviceSynchronize();  // no kernel may still use arena memory
-  g.replay.reset();
-  cudaFree(g.memory);
-  g.memory = nullptr;
-  g.device = -1;
+void memo_arena_resume(int device) {
+  if (Replay* r = replay_of(device)) r->resume();
+}
+
+size_t memo_arena_stats(int device, size_t* out, size_t n) {
+  Replay* r = replay_of(device);
+  if (r == nullptr) return 0;
+  memo::ArenaStats s = r->stats();
+  const size_t v[] = {s.requests,       s.hits,         s.misses,
+                      s.conflicts,      s.unplanned,    s.outside,
+                      s.hit_bytes,      s.miss_bytes,   s.fallback_bytes,
+                      s.stream_waits,   s.live_arena_blocks, s.live_fallback_blocks,
+                      s.live_arena_bytes, s.peak_arena_bytes, r->arena_bytes()};
+  size_t m = sizeof(v) / sizeof(v[0]) < n ? sizeof(v) / sizeof(v[0]) : n;
+  for (size_t i = 0; i < m; ++i) out[i] = v[i];
+  return m;
+}
+
+int memo_arena_fallback_memory(int device, size_t* out) {
+  cudaMemPool_t pool;
+  cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+  const cudaMemPoolAttr attrs[4] = {cudaMemPoolAttrReservedMemCurrent, cudaMemPoolAttrReservedMemHigh,
+                                    cudaMemPoolAttrUsedMemCurrent, cudaMemPoolAttrUsedMemHigh};
+  for (int i = 0; i < 4 && e == cudaSuccess; ++i) {
+    uint64_t value = 0;
+    e = cudaMemPoolGetAttribute(pool, attrs[i], &value);
+    out[i] = static_cast<size_t>(value);
+  }
+  return static_cast<int>(e);
+}
+
+void memo_arena_release(int device) {
+  if (replay_of(device) == nullptr) return;
+  DeviceArena& a = arenas[device];
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(device);
+  cudaDeviceSynchronize();  // no kernel may still use arena memory, no event still pending
+  a.replay.reset();
+  for (cudaEvent_t ev : *a.events) cudaEventDestroy(ev);
+  a.events.reset();
+  cudaFree(a.memory);
+  a.memory = nullptr;
+  cudaSetDevice(previous);
 }
 
 }  // extern "C"
