@@ -168,7 +168,7 @@ class MemoPlugin:
 
     swap_ratio: Union[float, str, None] = field(default=None, metadata=_help(
         "Fraction of each layer's activation tokens swapped to host memory (the rest is recomputed), or 'auto' "
-        "to solve it from the first step's timings. Env: MEMO_SWAP_RATIO.", "ratio"))
+        "to choose it from the first steps' measured times. Env: MEMO_SWAP_RATIO.", "ratio"))
     host_memory_budget: Union[int, str, None] = field(default=None, metadata=_help(
         "Host bytes per rank for swapped activations, e.g. '64GiB'. Default: half of the available memory "
         "divided among the node's ranks. Env: MEMO_HOST_MEMORY_BUDGET.", "bytes"))
@@ -183,6 +183,9 @@ class MemoPlugin:
         "Env: MEMO_OFFLOAD_DTYPE.", "choice"))
     plan: Optional[str] = field(default=None, metadata=_help(
         "Plan file written by `memo plan --out`. Env: MEMO_PLAN.", "path"))
+    planned_memory: Optional[bool] = field(default=None, metadata=_help(
+        "true serves the swapped layers' device memory at the plan's offsets (needs plan and a GPU; call "
+        "memo.planned_memory.install() before CUDA starts). Env: MEMO_PLANNED_MEMORY.", "bool"))
     sequence_parallel_size: Optional[int] = field(default=None, metadata=_help(
         "Ranks that share one sequence; must divide the number of processes (default 1: off). "
         "Env: MEMO_SEQUENCE_PARALLEL_SIZE.", "count1"))

@@ -30,8 +30,9 @@ def _available_host_bytes() -> int:
 @dataclass
 class MemoConfig:
     # Fraction of each non-input, non-attention activation's tokens that is swapped; the rest is
-    # recomputed token-wise before the backward. "auto" solves the paper's alpha program from the
-    # first step's measured layer time, the measured copy bandwidth and the host budget.
+    # recomputed token-wise before the backward. "auto" measures a few steps (layer times from
+    # device events, copy bandwidth from the copies) and keeps the ratio with the smallest step
+    # time the host budget allows: NOTE [ Auto swap ratio ] in memo/auto_ratio.py.
     swap_ratio: Union[float, str] = "auto"
     # Host bytes this rank may use for swapped activations. None: half of the memory available
     # now, divided among the ranks of this node (LOCAL_WORLD_SIZE), so the OS and data loaders keep
@@ -48,6 +49,10 @@ class MemoConfig:
     offload_dtype: str = "keep"
     # A plan file from `memo plan --out`; its alpha (and arena offsets) are used.
     plan: Optional[str] = None
+    # Serve the swapped layers' device allocations at the plan's Level-1 offsets, from one arena
+    # per GPU (memo's allocator replaces PyTorch's: NOTE [ Planned memory at run time ] in
+    # memo/planned_memory.py). Off by default: it must be installed before CUDA is first used.
+    planned_memory: bool = False
     # Sequence parallelism: P ranks share one sequence (each holds S/P tokens). None or 1: off. The
     # world is split into consecutive blocks of P ranks (data parallel x sequence parallel), or pass
     # the group itself as sequence_parallel_group.
@@ -102,6 +107,9 @@ class MemoConfig:
         if isinstance(self.sp_timeout_s, bool) or not (isinstance(self.sp_timeout_s, (int, float))
                                                        and self.sp_timeout_s > 0):
             raise MemoError(f"memo.config: sp_timeout_s={self.sp_timeout_s!r} must be a positive number of seconds")
+        if self.planned_memory and self.plan is None:
+            raise MemoError("memo.config: planned_memory=True needs MemoConfig(plan='plan.json'), the plan whose "
+                            "offsets the arena serves; make one with `memo plan ... --out plan.json`")
         if self.host_memory_budget is None:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             self.host_budget_bytes = _available_host_bytes() // 2 // max(local, 1)

@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 import warnings
 import weakref
 from typing import Callable, Optional
 
 import torch
 
+from memo import ops
+from memo.auto_ratio import AutoRatio
 from memo.config import MemoConfig
 from memo.errors import MemoError
 from memo.executor import LayerState, plan_layer_records
-from memo.planner.alpha import AlphaResult, solve_alpha
+from memo.planned_memory import planned_layer
 from memo.planner.units import format_bytes
 from memo.stats import LayerStats, MemoStats
 from memo.swap.engine import SwapEngine
 from memo.swap.host_pool import ALIGNMENT, HostPool
+from memo.swap.timing import StepTimer, StepTimes
 from memo.trace import AttentionKernelMode, Classifier, LayerCall, LayerTrace, SavedClass, storage_key, trace_layer
 
 logger = logging.getLogger("memo")
+
+
+# NOTE [ Host pool sizing ]
+#
+# 1. The host pool holds what the swap ratio in use needs, never the whole budget up front. With
+#    ``swap_ratio="auto"`` that is the measuring ratio's need first (NOTE [ Auto swap ratio ] in
+#    memo/auto_ratio.py); the pool grows when a later step needs more, and once auto settles it is
+#    cut to the settled ratio's need.
+# 2. The pool is replaced only at a step boundary (the first layer's forward of a pass), after the
+#    streams are synchronised (no copy still touches it) and only when no swapped record lives in
+#    it. A ratio change that finds records still there (a graph kept from an earlier forward)
+#    waits for the next boundary; new, longer inputs with records still there are refused.
+# 3. The host seconds spent reserving and page-locking pools are reported (``host_pool["pin_s"]``).
 
 
 def _aligned(n: int) -> int:
@@ -41,20 +55,27 @@ class MemoRuntime:
         self.engine: Optional[SwapEngine] = None
         self.alpha: Optional[float] = None if config.swap_ratio == "auto" else float(config.swap_ratio)
         self.alpha_reason = "not chosen yet (no forward pass)" if config.swap_ratio == "auto" else "set by the user"
-        self.alpha_result: Optional[AlphaResult] = None
-        self.auto_pending = False
+        self.auto: Optional[AutoRatio] = None
         self.sizes: dict = {}
         self.pass_states: list[weakref.ref] = []
         self.layer_stats = {i: LayerStats(index=i, kept=i not in self.swapped) for i in range(n)}
-        self.bandwidth: Optional[float] = None
-        self.timing_pass = False
         self.step_times: dict = {}
+        self.copies_at_step = ops.copy_counters()   # counters at the last step boundary (MemoStats.copies)
+        # Makes the engine's StepTimer; tests hand in one that reports chosen measurements.
+        self.timer_factory: Callable = StepTimer
+        self.timing_source: Optional[str] = None
+        self.pin_s = 0.0                      # NOTE [ Host pool sizing ] rule 3
+        self.pool_sizes: list[int] = []       # capacity of every pool made, in order
+        self.current_traces: list[LayerTrace] = []
+        self.current_device: Optional[torch.device] = None
+        self.step_end_state: Optional[weakref.ref] = None   # its backward ends the step's timing
         self._cache_warned = False
         self.plan: Optional[dict] = None
         self.shared_args: dict[int, int] = {}
         self.sp = None                 # memo.parallel.SequenceParallel when sequence parallelism is on
         self.sp_binding = None
         self.original_attn_implementation: Optional[str] = None
+        self.planned_memory = None     # memo.planned_memory.PlannedMemory, made at the first swapped forward
 
     # --- the wrapped layer forward --------------------------------------------------------
     def run_layer(self, index: int, layer: torch.nn.Module, hidden_states: torch.Tensor, args: tuple,
@@ -71,19 +92,24 @@ class MemoRuntime:
                               "(pass use_cache=False to silence this)", stacklevel=3)
                 self._cache_warned = True
             kwargs = dict(kwargs, use_cache=False, **{k: None for k in cache_keys})
-        if index == min(self.layers_in_pass()):
+        first = index == min(self.layers_in_pass())
+        if first:
             self._start_pass()
         if self.engine is not None:
             self.engine.layer_starting(index % 2)
         if index not in self.swapped:
-            return self._run_kept(index, layer, original, hidden_states, args, kwargs)
+            return self._run_kept(index, layer, original, hidden_states, args, kwargs, first)
         call = LayerCall(hidden_states, args, kwargs)
         trace = self._prepare(index, layer, original, call)
         state = LayerState(self, index, layer, original, call, trace, self.alpha)
-        start = self._now()
-        with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack), state.kernel_mode:
+        if index == min(self.swapped):
+            self.step_end_state = weakref.ref(state)
+        self._mark_forward("start", index, first)
+        with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack), state.kernel_mode, \
+                planned_layer(self, hidden_states) as outputs:   # NOTE [ Planned memory at run time ] rule 3
             out = original(hidden_states, *args, **kwargs)
-        state.forward_s = self._now() - start
+            outputs.append(out)
+        self._mark_forward("stop", index, first)
         state.finish_forward()
         self.pass_states.append(weakref.ref(state))
         for t in call.shared_tensors():   # kept for recomputation, once per model (not per layer)
@@ -93,18 +119,25 @@ class MemoRuntime:
         st.swapped_bytes = state.host_bytes()
         st.recomputed_bytes = state.recomputed_bytes()
         st.resident_bytes = 0
-        st.forward_s = state.forward_s
         return out
 
     def layers_in_pass(self) -> range:
         return range(len(self.layers))
 
-    def _now(self) -> float:
-        if self.timing_pass and torch.accelerator.is_available():
-            torch.accelerator.synchronize()
-        return time.perf_counter()
+    def _mark_forward(self, which: str, index: int, first: bool) -> None:
+        """Timing marks around a layer's forward; the first layer's start also starts the step
+        (after the pool was sized: pinning is not step time). See NOTE [ Step timing ]."""
+        if self.engine is None:
+            return
+        timer, compute = self.engine.timer, self.engine.streams.compute
+        if which == "start":
+            if first:
+                timer.start_step(self.alpha, compute)
+            timer.start("forward", index, compute)
+        else:
+            timer.stop("forward", index, compute)
 
-    def _run_kept(self, index, layer, original, hidden_states, args, kwargs):
+    def _run_kept(self, index, layer, original, hidden_states, args, kwargs, first):
         """Kept layers run as they are; memo only counts what they keep resident."""
         classify = Classifier(layer, LayerCall(hidden_states, args, kwargs), AttentionKernelMode())
         seen: dict[int, int] = {}
@@ -114,39 +147,63 @@ class MemoRuntime:
                 seen[storage_key(t)] = t.untyped_storage().nbytes()
             return t.detach()   # See NOTE [ Pack returns a detached tensor ] in memo/trace.py
 
-        start = self._now()
+        self._mark_forward("start", index, first)
         with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             out = original(hidden_states, *args, **kwargs)
+        self._mark_forward("stop", index, first)
         st = self.layer_stats[index]
-        st.forward_s = self._now() - start
         st.activation_bytes = st.resident_bytes = sum(seen.values())
         return out
 
     # --- passes -----------------------------------------------------------------------------
     def _start_pass(self) -> None:
+        """A step boundary: close the last step's marks, let auto decide, apply its ratio."""
         self.pass_states = [r for r in self.pass_states if r() is not None and r().phase.value != "done"]
         self.shared_args = {}
-        self.timing_pass = self.auto_pending
-        if self.engine is not None:
-            self.engine.reset_timers()
-        self.step_times = {"forward_start": time.perf_counter()}   # durations in seconds; see MemoStats.step
-
-    def end_forward(self) -> None:
-        """The decoder stack returned: drain the in-flight slots; choose alpha after the first pass."""
+        self.copies_at_step = ops.copy_counters()
         if self.engine is None:
             return
-        self.engine.drain()
-        if "forward_start" in self.step_times:
-            self.step_times["forward_s"] = time.perf_counter() - self.step_times.pop("forward_start")
-            self.step_times["swap_out_s"] = self.engine.swap_out_s
-        if self.auto_pending:
-            self._choose_alpha()
+        self.engine.timer.close_step()
+        # Auto waits for the step it needs at this boundary; otherwise only finished marks are read.
+        self._take_times(block=self.auto is not None and not self.auto.settled)
+        if self.auto is not None:
+            self._switch_ratio(self.auto.ratio)
+
+    def _take_times(self, block: bool) -> None:
+        """Resolved steps into memo.stats and auto's protocol (NOTE [ Step timing ] rule 2)."""
+        for times in self.engine.timer.resolve(block):
+            self._record_times(times)
+            if self.auto is not None and not self.auto.settled:
+                had_warning = self.auto.warning is not None
+                self.auto.observe(times)
+                self.alpha_reason = self.auto.reason
+                logger.info("memo: %s", self.auto.reason)
+                if self.auto.warning is not None and not had_warning:
+                    warnings.warn(f"memo: {self.auto.warning}", stacklevel=4)
+
+    def _record_times(self, times: StepTimes) -> None:
+        self.timing_source = times.source
+        for i, st in self.layer_stats.items():
+            st.forward_s = times.forward_s.get(i, st.forward_s)
+            st.backward_s = times.backward_s.get(i, st.backward_s)
+            st.recompute_s = times.recompute_s.get(i, st.recompute_s)
+        self.step_times = {"step_s": times.step_s, "forward_s": sum(times.forward_s.values()),
+                           "backward_s": sum(times.backward_s.values()),
+                           "recompute_s": sum(times.recompute_s.values()), "d2h_s": times.d2h_s,
+                           "h2d_s": times.h2d_s}
+        if times.step_s is None:
+            del self.step_times["step_s"]
+
+    def end_forward(self) -> None:
+        """The decoder stack returned: drain the in-flight slots."""
+        if self.engine is not None:
+            self.engine.drain()
 
     def on_layer_restored(self, state: LayerState) -> None:
         """Prefetch the layer whose backward comes next (the previous one in forward order)."""
-        self.layer_stats[state.index].recompute_s = state.recompute_s
-        self.step_times.setdefault("backward_start", state.restore_start)
-        self.step_times["recompute_s"] = self.step_times.get("recompute_s", 0.0) + state.recompute_s
+        timer, compute = self.engine.timer, self.engine.streams.compute
+        timer.stop("recompute", state.index, compute)   # started by SwapEngine.wait_restored
+        timer.start("backward", state.index, compute)
         states = [r() for r in self.pass_states]
         if state in states:
             i = states.index(state)
@@ -156,10 +213,10 @@ class MemoRuntime:
                     break
 
     def on_layer_done(self, state: LayerState) -> None:
-        self.step_times["swap_in_s"] = self.engine.swap_in_s
-        self.step_times["wait_s"] = self.engine.wait_s
-        if "backward_start" in self.step_times:
-            self.step_times["swapped_backward_s"] = time.perf_counter() - self.step_times["backward_start"]
+        timer, compute = self.engine.timer, self.engine.streams.compute
+        timer.stop("backward", state.index, compute)
+        if self.step_end_state is not None and self.step_end_state() is state:   # this step's last swapped backward
+            timer.stop("step", 0, compute)
 
     # --- sizing, budget and the swap ratio ------------------------------------------------------
     def _trace_key(self, layer: torch.nn.Module, call: LayerCall) -> tuple:
@@ -219,95 +276,93 @@ class MemoRuntime:
         n = len(traces)
         self.sizes = {"fixed_bytes_per_layer": need_min / max(n, 1),
                       "other_bytes_per_layer": (need_full - need_min) / max(n, 1), "swapped_layers": n}
-        if self.config.swap_ratio == "auto":
+        self.current_traces, self.current_device = traces, device
+        if self._auto_enabled():
             if need_min > budget:
                 raise MemoError(
                     f"memo.wrap: host budget {format_bytes(budget)} cannot hold the layer inputs and attention "
                     f"outputs of {n} swapped layers ({format_bytes(need_min)}); set "
                     f"MemoConfig(host_memory_budget='{_ceil_gib(need_min)}GiB') or more, or raise keep_last_layers")
-            # Until the first pass measured the layer time, swap as much as the host holds.
             memory_bound = 1.0 if need_full <= budget else (budget - need_min) / (need_full - need_min)
-            if self.alpha is None or self.alpha > memory_bound:
+            if self.auto is None or not self.auto.settled:   # (again) for these shapes: NOTE [ Auto swap ratio ]
+                seq = call.seq
+                self.auto = AutoRatio(s_fixed=self.sizes["fixed_bytes_per_layer"],
+                                      s_other=self.sizes["other_bytes_per_layer"], swapped=sorted(self.swapped),
+                                      tokens=call.batch * seq, seq=seq, host_budget=budget,
+                                      quantize=lambda a: _floor_ratio(a, seq))
+                self.alpha, self.alpha_reason = self.auto.ratio, self.auto.reason
+            elif self.alpha > memory_bound:
                 self.alpha = _floor_ratio(memory_bound, call.seq)
-                self.alpha_reason = "first pass: as much as the host budget holds; measuring layer time"
-                self.auto_pending = True
-            alpha = self.alpha
-        else:
-            alpha = self.alpha
-        need = self._host_need(traces, alpha, device)
+                self.alpha_reason = f"auto: {self.alpha_reason}; cut to {self.alpha:.3f} by the host budget for " \
+                                    f"inputs of {call.seq} tokens"
+        need = self._host_need(traces, self.alpha, device)
         if need > budget:
             raise MemoError(
-                f"memo.wrap: swap_ratio={alpha} needs {format_bytes(need)} of host memory for {n} swapped layers "
+                f"memo.wrap: swap_ratio={self.alpha} needs {format_bytes(need)} of host memory for {n} swapped layers "
                 f"but host_memory_budget is {format_bytes(budget)}; set host_memory_budget='{_ceil_gib(need)}GiB' "
                 f"or lower swap_ratio (0.0 needs {format_bytes(need_min)})")
-        if self.pool is None or self.pool.capacity < need or self.pool.pin != (device.type != "cpu"):
-            if self.engine is not None:
-                self.engine.streams.synchronize()   # no copy may still touch the old pool
-            if self.pool is not None and self.pool.used_bytes:
-                raise MemoError(
-                    f"memo.swap: the sequence grew while {format_bytes(self.pool.used_bytes)} of swapped activations "
-                    f"are still waiting for their backward; run backward before a forward with longer inputs")
-            self.pool = HostPool(max(need, ALIGNMENT), pin=device.type != "cpu")
-            self.engine = SwapEngine(device, self.pool)
-        self.pool.reserve()
+        self._ensure_pool(need, device)
 
-    def _measure_bandwidth(self, device: torch.device) -> float:
-        """Device-to-host copy bandwidth (bytes/s), best of three 64 MiB copies into the pool's kind of memory."""
-        n = 64 << 20
-        src = torch.empty(n, dtype=torch.uint8, device=device)
-        dst = torch.empty(n, dtype=torch.uint8, pin_memory=device.type != "cpu")
-        best = float("inf")
-        for _ in range(3):
-            if torch.accelerator.is_available():
-                torch.accelerator.synchronize()
-            start = time.perf_counter()
-            dst.copy_(src, non_blocking=True)
-            if torch.accelerator.is_available():
-                torch.accelerator.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return n / best
+    def _auto_enabled(self) -> bool:
+        return self.config.swap_ratio == "auto" and self.plan is None   # a plan's alpha is used as given
 
-    def _choose_alpha(self) -> None:
-        """The paper's alpha program from the first pass's measured layer time (see memo.planner.alpha)."""
-        self.auto_pending = False
-        self.timing_pass = False
-        times = [self.layer_stats[i].forward_s for i in sorted(self.swapped)]
-        if not times:
-            self.alpha_reason = "no layer is swapped (keep_last_layers covers the model)"
+    def _ensure_pool(self, need: int, device: torch.device, exact: bool = False) -> None:
+        """A reserved pool of at least ``need`` bytes (exactly, with ``exact``). See NOTE [ Host pool sizing ]."""
+        size, pin = max(need, ALIGNMENT), device.type != "cpu"
+        pool = self.pool
+        if pool is not None and pool.pin == pin and (pool.capacity == size if exact else pool.capacity >= size):
+            pool.reserve()
             return
-        if self.bandwidth is None:
-            self.bandwidth = self._measure_bandwidth(self.pool_device())
-        t_fwd = statistics.median(times)
-        fixed = self.sizes["fixed_bytes_per_layer"]
-        result = solve_alpha(s_in=fixed, s_attn=0.0, s_other=self.sizes["other_bytes_per_layer"],
-                             bandwidth=self.bandwidth, t_fwd=t_fwd, n_layers=len(self.layers),
-                             keep_layers=len(self.layers) - len(self.swapped),
-                             host_budget=self.config.host_budget_bytes)
-        self.alpha_result = result
-        self.alpha = min(self.alpha, result.alpha)
-        self.alpha_reason = (f"auto: {result.reason} (layer forward {t_fwd * 1e3:.1f} ms, copy bandwidth "
-                             f"{self.bandwidth / 1e9:.2f} GB/s)")
-        logger.info("memo: swap_ratio=%.3f; %s", self.alpha, self.alpha_reason)
-        if not result.hidden:
-            warnings.warn(
-                f"memo: copying each layer's input and attention output ({format_bytes(fixed)}) takes "
-                f"{fixed / self.bandwidth * 1e3:.1f} ms at {self.bandwidth / 1e9:.2f} GB/s, longer than the layer's "
-                f"forward ({t_fwd * 1e3:.1f} ms), so the copies cannot hide behind compute. memo now recomputes "
-                f"every other activation (swap_ratio=0) and the remaining copies are exposed; longer sequences, a "
-                f"larger keep_last_layers or a faster host link would hide them", stacklevel=2)
+        if self.engine is not None:
+            self.engine.streams.synchronize()   # no copy may still touch the old pool
+        if pool is not None and pool.used_bytes:
+            raise MemoError(
+                f"memo.swap: the sequence grew while {format_bytes(pool.used_bytes)} of swapped activations "
+                f"are still waiting for their backward; run backward before a forward with longer inputs")
+        self.pool = HostPool(size, pin=pin)
+        self.pool.reserve()
+        self.pin_s += self.pool.pin_s
+        self.pool_sizes.append(self.pool.capacity)
+        if pool is not None:
+            pool.close()
+        if self.engine is None or self.engine.streams.device != device:
+            self.engine = SwapEngine(device, self.pool, self.timer_factory)
+        else:
+            self.engine.replace_pool(self.pool)
 
-    def pool_device(self) -> torch.device:
-        return self.engine.streams.device
+    def _switch_ratio(self, ratio: float) -> None:
+        """At a step boundary: run the next step at auto's ``ratio``, the pool sized for it.
+
+        See NOTE [ Host pool sizing ] rules 1 and 2.
+        """
+        need = self._host_need(self.current_traces, ratio, self.current_device)
+        exact = self.auto.settled
+        if ratio == self.alpha and (not exact or self.pool.capacity == max(need, ALIGNMENT)):
+            return
+        if self.pool.used_bytes and (exact or self.pool.capacity < need):
+            self.alpha_reason = (f"{self.auto.reason} (waiting: {format_bytes(self.pool.used_bytes)} of swapped "
+                                 f"activations from an earlier forward still live in the host pool)")
+            return
+        self._ensure_pool(need, self.current_device, exact=exact)
+        self.alpha = ratio
 
     # --- reporting ----------------------------------------------------------------------------
     def stats(self) -> MemoStats:
+        if self.engine is not None:   # a stats read is outside a step: resolve it (NOTE [ Step timing ] rule 2)
+            if self.engine.timer.step_complete():
+                self.engine.timer.close_step()
+            self._take_times(block=True)
         pool = self.pool.stats() if self.pool is not None else {
             "capacity_bytes": 0, "reserved_bytes": 0, "used_bytes": 0, "high_water_bytes": 0, "pinned": False,
             "num_allocs": 0}
+        pool.update(pin_s=self.pin_s, capacities=list(self.pool_sizes))   # every pool this model made, in order
         return MemoStats(layers=[self.layer_stats[i] for i in sorted(self.layer_stats)], host_pool=pool,
                          swap_ratio=self.alpha, swap_ratio_setting=self.config.swap_ratio,
                          swap_ratio_reason=self.alpha_reason, shared_bytes=sum(self.shared_args.values()),
-                         step={k: v for k, v in self.step_times.items() if not k.endswith("_start")})
+                         step=dict(self.step_times), timing_source=self.timing_source,
+                         copies={k: v - self.copies_at_step.get(k, 0) for k, v in ops.copy_counters().items()},
+                         swap_ratio_decisions=[] if self.auto is None else list(self.auto.decisions),
+                         planned_memory={} if self.planned_memory is None else self.planned_memory.stats())
 
     def close(self) -> None:
         if self.engine is not None:

@@ -18,6 +18,7 @@ class LayerStats:
     resident_bytes: int = 0    # activation bytes still on the device after the forward pass
     forward_s: float = 0.0
     recompute_s: float = 0.0
+    backward_s: float = 0.0    # swapped layers: from the restore to the last unpack, recompute excluded
 
 
 @dataclass
@@ -30,11 +31,22 @@ class MemoStats:
     # Device bytes of the layer arguments every layer shares (masks, position ids, RoPE tables)
     # that memo keeps referenced for recomputation: once per model, never per layer.
     shared_bytes: int = 0
-    # Last step, seconds: forward_s (decoder stack), swapped_backward_s (from the first swapped
-    # layer's restore to the last one's release), recompute_s, and the host time spent issuing
-    # copies (swap_out_s, swap_in_s) and waiting for them (wait_s). On a GPU the copy times are
-    # enqueue times; the copies themselves overlap compute.
+    # Last resolved step, seconds: step_s (first layer's forward to the end of the last swapped
+    # layer's backward, waits for copies included), the sums of the layers' forward_s, backward_s
+    # and recompute_s, and the copy streams' busy time (d2h_s, h2d_s). Measured on the streams that
+    # did the work: see timing_source and NOTE [ Step timing ] in memo/swap/timing.py.
     step: dict = field(default_factory=dict)
+    # Where the times came from: "cuda events" (device events) or "host clock" (the CPU).
+    timing_source: Optional[str] = None
+    # swap_ratio="auto": every measured step and what was decided from it (NOTE [ Auto swap ratio ]).
+    swap_ratio_decisions: list = field(default_factory=list)
+    # MemoConfig(planned_memory=True): the arena's hits, misses, fallback bytes, arena size and the
+    # fallback pool's reserved/used bytes (NOTE [ Planned memory at run time ] rule 2); else empty.
+    planned_memory: dict = field(default_factory=dict)
+    # Bytes copied since this step began, by direction and path (memo.ops.copy_counters): token
+    # slices by DMA or kernel (d2h/h2d_dma, d2h/h2d_kernel; host_pack/unpack on the CPU), records
+    # swapped whole (d2h/h2d_whole) or in another dtype (d2h/h2d_convert).
+    copies: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +76,9 @@ class MemoStats:
         lines.append(f"host pool: reserved {format_bytes(pool.get('reserved_bytes', 0))}, high water "
                      f"{format_bytes(pool.get('high_water_bytes', 0))}, in use {format_bytes(pool.get('used_bytes', 0))}")
         lines.append(f"shared layer arguments kept once for recomputation: {format_bytes(self.shared_bytes)}")
+        if any(self.copies.values()):
+            lines.append("copies: " + ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(v)}"
+                                                for k, v in self.copies.items() if v))
         if self.step:
             lines.append("last step: " + ", ".join(f"{k} {v:.3f}" for k, v in self.step.items()))
         return "\n".join(lines)

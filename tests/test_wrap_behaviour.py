@@ -14,7 +14,6 @@ import torch
 import memo
 from memo import MemoConfig, MemoError, _ext
 from memo.planner.units import format_bytes
-from memo.wrap import runtime_of
 from models import batch, build, run_step, twin
 
 
@@ -53,28 +52,6 @@ def test_auto_budget_too_small_even_for_inputs():
     ids, _, labels = batch(1, 64)
     with pytest.raises(MemoError, match="cannot hold the layer inputs"):
         model(input_ids=ids, labels=labels)
-
-
-def test_auto_ratio_limited_by_host_budget():
-    probe = _wrap(build("llama"), swap_ratio=1.0)
-    run_step(probe, [batch(1, 128)])
-    rt = runtime_of(probe)
-    budget = int(rt.sizes["fixed_bytes_per_layer"] * 2 + rt.sizes["other_bytes_per_layer"] * 2 * 0.5) + 4096
-    model = _wrap(build("llama"), swap_ratio="auto", host_memory_budget=budget)
-    run_step(model, [batch(1, 128)])
-    st = memo.stats(model)
-    assert 0.3 < st.swap_ratio < 0.6, st.swap_ratio
-    assert st.host_pool["reserved_bytes"] <= budget
-
-
-def test_auto_warns_when_copies_cannot_hide(monkeypatch):
-    model = _wrap(build("llama"), swap_ratio="auto")
-    monkeypatch.setattr(type(runtime_of(model)), "_measure_bandwidth", lambda self, device: 1e3)  # 1 kB/s
-    with pytest.warns(UserWarning, match="cannot hide behind compute.*swap_ratio=0"):
-        run_step(model, [batch(1, 64)])
-    assert memo.stats(model).swap_ratio == 0.0
-    run_step(model, [batch(1, 64)])
-    assert memo.stats(model).recomputed_bytes > 0
 
 
 def test_wrap_twice_and_unwrap_unwrapped():

@@ -13,34 +13,37 @@
 #    waits for that and for layer i's ``d2h_event``, copies, and records ``h2d_event``.
 # 4. Before layer i's backward reads anything, the compute stream waits for ``h2d_event``.
 #    Host blocks are freed only after that wait (rule 1 orders the next forward's copies out).
+#
+# Each batch of copies is timed by marks on its own copy stream, recorded after the stream's
+# waits, so a ``d2h``/``h2d`` interval is the copy itself (See NOTE [ Step timing ] in
+# memo/swap/timing.py).
 """
 
 from __future__ import annotations
 
-import time
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from memo.swap.host_pool import HostPool
 from memo.swap.streams import Streams
+from memo.swap.timing import StepTimer
 
 if TYPE_CHECKING:
     from memo.executor import LayerState
 
 
 class SwapEngine:
-    def __init__(self, device: torch.device, pool: HostPool) -> None:
+    def __init__(self, device: torch.device, pool: HostPool,
+                 timer_factory: Callable[[Streams], StepTimer] = StepTimer) -> None:
         self.streams = Streams(device)
         self.pool = pool
+        self.timer = timer_factory(self.streams)
         # Weak: a layer whose graph was dropped (an exception in the forward) must be collectable;
         # its __del__ orders the release after its copies (NOTE rule 2).
         self.slots: list[Optional[weakref.ref]] = [None, None]
         self.last_h2d_event = None
-        self.swap_out_s = 0.0
-        self.swap_in_s = 0.0
-        self.wait_s = 0.0
 
     def layer_starting(self, parity: int) -> None:
         """Layer i is about to run its forward: release layer i-2. See NOTE rule 2."""
@@ -55,7 +58,6 @@ class SwapEngine:
 
     def swap_out(self, state: "LayerState") -> None:
         s = self.streams
-        start = time.perf_counter()
         forward_done = s.event(s.compute)
         s.d2h.wait_event(forward_done)
         if self.last_h2d_event is not None:
@@ -64,11 +66,12 @@ class SwapEngine:
             for rec in state.records.values():
                 rec.allocate_host(self.pool)
             work = [(rec, rec.source) for rec in state.records.values()]
+            self.timer.start("d2h", state.index, s.d2h)
             s.run(s.d2h, lambda: [rec.copy_out(source) for rec, source in work])
+            self.timer.stop("d2h", state.index, s.d2h, nbytes=sum(rec.host_bytes() for rec, _ in work))
         finally:   # even if the pool ran out: the slot's release breaks the state's cycle
             state.d2h_event = s.event(s.d2h)
             self._occupy(state)
-        self.swap_out_s += time.perf_counter() - start
 
     def _occupy(self, state: "LayerState") -> None:
         parity = state.index % 2
@@ -83,23 +86,26 @@ class SwapEngine:
     def prefetch(self, state: "LayerState") -> None:
         """Start copying layer ``state`` back (NOTE rule 3)."""
         s = self.streams
-        start = time.perf_counter()
         for rec in state.records.values():
             rec.allocate_device()
         allocated = s.event(s.compute)
         s.h2d.wait_event(allocated)
         s.h2d.wait_event(state.d2h_event)
         records = list(state.records.values())
+        self.timer.start("h2d", state.index, s.h2d)
         s.run(s.h2d, lambda: [rec.copy_in() for rec in records])
+        self.timer.stop("h2d", state.index, s.h2d, nbytes=sum(rec.host_bytes() for rec in records))
         state.h2d_event = s.event(s.h2d)
         self.last_h2d_event = state.h2d_event
         state.prefetched = True
-        self.swap_in_s += time.perf_counter() - start
 
     def wait_restored(self, state: "LayerState") -> None:
-        start = time.perf_counter()
+        """The compute stream waits for layer ``state``'s copies in (NOTE rule 4); its recompute starts."""
         self.streams.compute.wait_event(state.h2d_event)
-        self.wait_s += time.perf_counter() - start
+        self.timer.start("recompute", state.index, self.streams.compute)
 
-    def reset_timers(self) -> None:
-        self.swap_out_s = self.swap_in_s = self.wait_s = 0.0
+    def replace_pool(self, pool: HostPool) -> None:
+        """Serve later copies from ``pool``. The caller made sure nothing lives in the old one
+        (See NOTE [ Host pool sizing ] in memo/runtime.py)."""
+        assert self.pool.used_bytes == 0, "memo.swap: replacing a host pool that still holds records (bug in memo)"
+        self.pool = pool

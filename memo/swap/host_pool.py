@@ -14,6 +14,7 @@ blocks first-fit by address, so they hand out the same offsets for the same requ
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -114,20 +115,23 @@ class HostPool:
         self._native = None                                   # memo._C.HostPool once reserved
         self._closed_counters = {"used_bytes": 0, "high_water_bytes": 0, "num_allocs": 0}
         self._py = _PyFreeList(self.capacity) if self.backend == "python" else None
+        self.pin_s = 0.0   # host seconds :meth:`reserve` took to allocate (and page-lock) the buffer
 
     def reserve(self) -> None:
         if self.buffer is not None:
             return
+        start = time.perf_counter()   # a host operation: the host clock is its clock
         if self._py is not None:
             self.buffer = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pin)
-            return
-        try:
-            self._native = self._native_mod.HostPool(self.capacity, self.pin)
-        except (RuntimeError, ValueError, MemoryError) as e:
-            raise MemoError(str(e) if str(e).startswith("memo.swap: ") else
-                            f"memo.swap: could not reserve a host pool of {self.capacity} B ({e}); "
-                            "lower MemoConfig(host_memory_budget=...)") from e
-        self.buffer = self._native.buffer()
+        else:
+            try:
+                self._native = self._native_mod.HostPool(self.capacity, self.pin)
+            except (RuntimeError, ValueError, MemoryError) as e:
+                raise MemoError(str(e) if str(e).startswith("memo.swap: ") else
+                                f"memo.swap: could not reserve a host pool of {self.capacity} B ({e}); "
+                                "lower MemoConfig(host_memory_budget=...)") from e
+            self.buffer = self._native.buffer()
+        self.pin_s = time.perf_counter() - start
 
     @property
     def reserved_bytes(self) -> int:
@@ -183,4 +187,4 @@ class HostPool:
     def stats(self) -> dict:
         return {"capacity_bytes": self.capacity, "reserved_bytes": self.reserved_bytes,
                 "used_bytes": self.used_bytes, "high_water_bytes": self.high_water_bytes,
-                "pinned": self.pin, "num_allocs": self.num_allocs, "backend": self.backend}
+                "pinned": self.pin, "num_allocs": self.num_allocs, "backend": self.backend, "pin_s": self.pin_s}

@@ -15,6 +15,8 @@ import contextlib
 
 import torch
 
+from memo.swap.timing import HostClockEvent
+
 
 class Streams:
     """The compute stream plus one device-to-host and one host-to-device stream."""
@@ -34,6 +36,13 @@ class Streams:
     def event(self, stream) -> object:
         """An event recorded on ``stream`` now."""
         ev = self.module.Event()
+        ev.record(stream)
+        return ev
+
+    def timing_event(self, stream) -> object:
+        """A timing mark recorded on ``stream`` now: a device event with ``enable_timing`` on an
+        accelerator, a host-clock reading on the CPU (See NOTE [ Step timing ] in memo/swap/timing.py)."""
+        ev = self.module.Event(enable_timing=True) if self.on_accelerator else HostClockEvent()
         ev.record(stream)
         return ev
 
