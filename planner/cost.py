@@ -6,12 +6,17 @@ NOTE [ Step-time model ]
      ranks by the zigzag layout) at ``peak * attn_fwd_eff`` (x ``ring_eff`` when a ring is
      involved: NOTE [ SP communication model ] rule 4).
      Backward: twice the FLOPs, attention at ``attn_bwd_eff``.
+     Where measured (``elementwise_passes`` > 0), the memory-bound element-wise ops around the
+     GEMMs (norms, RoPE, SiLU, residual adds, dtype casts) add ``elementwise_passes`` HBM passes
+     over the layer's saved-activation bytes per forward (twice that per backward): they scale
+     with tokens x hidden while the GEMMs scale with tokens x hidden^2, so they matter for small
+     hidden sizes (a third of a TinyLlama layer's non-attention time on H100, a sixth of Llama-2-7B's).
   2. Sequence-parallel communication per layer, by backend: see NOTE [ SP communication model ].
   3. Swapped bytes of a layer (input + attention output + LSE in full, alpha of the rest) are
      copied out during the next layer's forward and back in during the next layer's backward;
      the part of a copy longer than that compute is exposed. The last ``keep`` layers are not swapped.
   4. The dropped ``1 - alpha`` of the other tokens are recomputed before the layer's backward:
-     the layer's GEMM time (no attention) times ``1 - alpha``. Memory-bound element-wise ops are
+     the layer's GEMM (and element-wise) time, no attention, times ``1 - alpha``. Memory-bound element-wise ops are
      ignored throughout (they are a few percent at these lengths).
   5. MFU counts model FLOPs only (layers, attention, LM head; forward + backward = 3x forward),
      no recompute, over ``step_time * gpus * peak``.
@@ -65,6 +70,8 @@ class GPUProfile:
     attn_bwd_eff: float         # ... backward
     ring_eff: float = 0.9       # zigzag ring attention vs single-GPU flash attention
     inter_node_Bps: float = 25e9  # per GPU across nodes (200 Gb/s InfiniBand)
+    elementwise_passes: float = 0.0  # HBM passes over a layer's saved bytes by its element-wise ops
+                                     # (NOTE [ Step-time model ] rule 1); 0: not modelled (not measured)
     notes: str = ""
 
     def to_dict(self) -> dict:
@@ -78,14 +85,31 @@ class GPUProfile:
 # model FLOPs. On H100 FlashAttention-2 reaches roughly a third of peak (FlashAttention-3 about
 # double; memo's flash extra is FlashAttention-2), and an 8192^3 bf16 GEMM ~798 TFLOP/s (81%).
 # Ring efficiency 0.9: ring-flash-attention's zigzag figure. All overridable (--peak-tflops etc.).
+#
+# NOTE [ Measured H100 constants ]
+#   From memo's run on one H100 80GB HBM3 (torch 2.11 + CUDA 13, cuDNN attention; figures, raw
+#   JSON lines and the measuring script in ../shared/gpu/: RESULTS.md, results.jsonl, probe.py).
+#   1. host_link_Bps 53 GB/s: 1 GB bf16 token slices to/from pinned host, 53.0 D2H / 52.7 H2D
+#      (contiguous cudaMemcpy 54.1-54.9).
+#   2. gemm_eff 0.80: a large bf16 GEMM on H100 (~798 of 989 TFLOP/s; not re-measured there).
+#   3. attn_fwd_eff 0.70, attn_bwd_eff 0.31 and elementwise_passes 5.3: the least-squares fit
+#      (relative error) of this step-time model to the 14 measured forward + backward step times
+#      of RESULTS.md (TinyLlama-1.1B shape: no saving 16K/32K, HF checkpointing 16K-128K, memo
+#      ratio 0 16K-128K; Llama-2-7B shape: checkpointing and memo ratio 0 at 32K/64K), with
+#      gemm_eff fixed at 0.80. Three kernel rates for the whole table, none per run: every one of
+#      the 14 steps is then predicted within 10% (tests/test_planner_h100.py checks four).
+#      Attention runs at ~690 TFLOP/s forward and ~300 backward (model FLOPs; cuDNN's backward
+#      recomputes the attention matrix, which model FLOPs do not count).
+#   4. hbm_Bps 3.35 TB/s: the H100 SXM data sheet.
+H100_MEASURED = dict(host_link_Bps=53e9, interconnect_Bps=450e9, hbm_Bps=3.35e12, gemm_eff=0.80, attn_fwd_eff=0.70,
+                     attn_bwd_eff=0.31, elementwise_passes=5.3, notes="measured on one H100 (cuDNN attention)")
 GPU_PROFILES: dict[str, GPUProfile] = {
     "a800": GPUProfile("a800", 312.0, 80 * GIB, 25e9, 200e9, 2.0e12, 0.75, 0.68, 0.50,
                        notes="A100 variant, NVLink capped at 400 GB/s"),
     "a100-80g": GPUProfile("a100-80g", 312.0, 80 * GIB, 25e9, 300e9, 2.0e12, 0.75, 0.68, 0.50),
-    "h100": GPUProfile("h100", 989.0, 80 * GIB, 50e9, 450e9, 3.35e12, 0.80, 0.35, 0.28,
-                       notes="attention efficiencies of FlashAttention-2"),
-    "h200": GPUProfile("h200", 989.0, 141 * 10**9, 50e9, 450e9, 4.8e12, 0.80, 0.35, 0.28,
-                       notes="attention efficiencies of FlashAttention-2"),
+    "h100": GPUProfile("h100", 989.0, 80 * GIB, **H100_MEASURED),
+    # Same GH100 die and cuDNN kernels as the H100 (the efficiencies carry over), faster HBM.
+    "h200": GPUProfile("h200", 989.0, 141 * 10**9, **dict(H100_MEASURED, hbm_Bps=4.8e12)),
 }
 GPU_ALIASES = {"a100": "a100-80g", "a100-80gb": "a100-80g", "h100-80g": "h100", "h100-sxm": "h100", "h200-141g": "h200"}
 
@@ -308,7 +332,9 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
     lf = layer_flops(model, seq_len, micro_batch)
     deg = sp_degrees(model, sp, sp_backend, gpus_per_node)
     ring = gpu.ring_eff if deg.ring > 1 else 1.0        # NOTE [ SP communication model ] rule 4
-    gemm_f = lf["gemm"] / sp / (peak * gpu.gemm_eff)
+    # Rule 1: GEMMs, plus the element-wise passes over the layer's saved bytes (this rank's).
+    gemm_f = lf["gemm"] / sp / (peak * gpu.gemm_eff) + \
+        gpu.elementwise_passes * (swap_bytes_fixed + swap_bytes_other) / gpu.hbm_Bps
     attn_f = lf["attention"] / sp / (peak * gpu.attn_fwd_eff * ring)
     attn_b = 2 * lf["attention"] / sp / (peak * gpu.attn_bwd_eff * ring)
     t_fwd, t_bwd = gemm_f + attn_f, 2 * gemm_f + attn_b

@@ -15,10 +15,19 @@ NOTE [ Level-2 step timeline ]
      their forward to their backward.
   5. Weights, gradients, device optimizer states, the ZeRO-3 gather buffer and the shared
      tensors (RoPE cos/sin, kept once) live for the whole step.
-  6. Not modelled as its own block: the token-wise recompute that opens a swapped layer's
-     backward. Its outputs are the saved activations already live at step 0 of ``L{i}.bwd``;
-     its transients are forward transients of ``1 - alpha`` of the tokens, smaller than the
-     backward's own transients in every profiled layer, so they do not raise the peak.
+  6. ``L{i}.recompute``: the token-wise recompute that opens a swapped layer's backward saves
+     its outputs as tensors of its own ((1 - alpha) of the other saved bytes) and then copies
+     them into the restored buffers that ``L{i}.bwd`` holds: both exist at once, so the block
+     lives during layer i's backward step. (Its transients are forward transients of
+     ``1 - alpha`` of the tokens, smaller than the backward's own.)
+  7. Gradients: a step starts from ``zero_grad(set_to_none=True)`` (torch's optimizers and HF's
+     Trainer), so layer i's gradients (``L{i}.grad``, its share of the gradient bytes) appear
+     at its backward and the rest (LM head, norm, embedding: ``grads.rest``) at the head step,
+     all living to the step's end. ``Options.grads_persist`` (gradient accumulation across
+     micro-batches) keeps one ``gradients`` block for the whole step instead.
+     Rules 6 and 7 are what the measured H100 peaks show (NOTE [ Measured H100 constants ] in
+     cost.py): Llama-2-7B's peak is at its first layer's backward, weights + gradients + that
+     layer's backward arena + its recompute, TinyLlama's at the head.
 
 NOTE [ SP buffers in Level 1 ]
   The profile runs one layer with plain sdpa at the per-rank length s and adds the ring's
@@ -45,6 +54,7 @@ from typing import Callable, Optional, Union
 
 from .alpha import solve_alpha
 from .cost import DTYPE_BYTES, GPUProfile, SPDegrees, model_state_bytes, sp_degrees, step_time
+from .presets import layer_parameters, model_parameters
 from .dsa import ProgressFn, align_allocs, solve_layout
 from .layout import Alloc, Layout, live_bytes_over_time
 from .units import format_bytes
@@ -80,12 +90,13 @@ class Options:
     time_limit: float = 60.0
     use_mip: bool = True
     threads: int = 2
+    grads_persist: bool = False      # gradients live from the step's start: NOTE [ Level-2 step timeline ] rule 7
 
 
 def trace_allocs(trace: dict) -> list[Alloc]:
     """Allocations of a profiled block that belong in its arena (parameter gradients are model
     states), aligned to 512 bytes."""
-    allocs = [Alloc(a["id"], a["bytes"], a["start"], a["end"], a["kind"]) for a in trace["allocs"]
+    allocs = [Alloc(a["id"], a["bytes"], a["start"], a["end"], a["kind"], a.get("op", "")) for a in trace["allocs"]
               if a["kind"] != "param_grad"]
     return align_allocs(allocs, ALIGN)
 
@@ -157,17 +168,24 @@ def swap_sizes(profile: dict) -> tuple[int, int, int]:
 
 
 def step_allocs(n: int, level1: Level1, *, states: dict, shared: int, swap_bytes: int, kept_bytes: int,
-                keep: int) -> tuple[list[Alloc], list[str]]:
-    """Level 2's allocations and step labels. See NOTE [ Level-2 step timeline ]."""
+                keep: int, recompute_bytes: int = 0, layer_grad_bytes: Optional[int] = None
+                ) -> tuple[list[Alloc], list[str]]:
+    """Level 2's allocations and step labels. See NOTE [ Level-2 step timeline ]. ``layer_grad_bytes``
+    (one layer's share of ``states["gradients"]``) makes gradients appear at each layer's
+    backward (rule 7); None keeps them for the whole step."""
     labels = ["embedding fwd"] + [f"layer {i} fwd" for i in range(n)] + ["head+loss"] + \
              [f"layer {i} bwd" for i in reversed(range(n))] + ["embedding bwd"]
     T = len(labels)
     fwd_step = lambda i: 1 + i                     # noqa: E731
     bwd_step = lambda i: n + 2 + (n - 1 - i)       # noqa: E731
     out = []
+    grads_whole_step = layer_grad_bytes is None
     for name in ("weights", "gradients", "optimizer", "zero3_gather"):
-        if states[name]:
+        if states[name] and (name != "gradients" or grads_whole_step):
             out.append(Alloc(name, states[name], 0, T, "model_state"))
+    if not grads_whole_step:
+        out.append(Alloc("grads.rest", states["gradients"] - n * layer_grad_bytes, n + 1, T, "model_state"))
+        out += [Alloc(f"L{i}.grad", layer_grad_bytes, bwd_step(i), T, "model_state") for i in range(n)]
     if shared:
         out.append(Alloc("shared", shared, 0, T, "shared"))
     out.append(Alloc("embedding.fwd", level1.embedding_forward.peak, 0, 1, "block"))
@@ -179,6 +197,7 @@ def step_allocs(n: int, level1: Level1, *, states: dict, shared: int, swap_bytes
         else:
             out.append(Alloc(f"L{i}.swap_out", swap_bytes, fwd_step(i) + 1, fwd_step(i) + 2, "swap_buffer"))
             out.append(Alloc(f"L{i}.prefetch", swap_bytes, bwd_step(i) - 1, bwd_step(i), "swap_buffer"))
+            out.append(Alloc(f"L{i}.recompute", recompute_bytes, bwd_step(i), bwd_step(i) + 1, "recompute"))
     out.append(Alloc("head", level1.head.peak, n + 1, n + 2, "block"))
     out.append(Alloc("embedding.bwd", level1.embedding_backward.peak, T - 1, T, "block"))
     return [a for a in out if a.bytes > 0], labels
@@ -239,8 +258,11 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     swap_bytes = int(s_in + s_attn + alpha * s_other)   # floor: alpha fills the host budget exactly
     kept_bytes = s_in + s_attn + s_other
     shared = prof["saved_bytes"].get("shared", 0)
+    layer_grads = None if opt.grads_persist else \
+        int(states["gradients"] * layer_parameters(model) / model_parameters(model))
     allocs, labels = step_allocs(n, ctx.level1, states=states, shared=shared, swap_bytes=swap_bytes,
-                                 kept_bytes=kept_bytes, keep=keep)
+                                 kept_bytes=kept_bytes, keep=keep, recompute_bytes=int((1 - alpha) * s_other),
+                                 layer_grad_bytes=layer_grads)
     tl = opt.time_limit if level2_time_limit is None else level2_time_limit
     level2 = solve_layout(allocs, time_limit=tl, use_mip=opt.use_mip, threads=opt.threads)
     host_rank = (n - keep) * swap_bytes + states["host"]
@@ -265,7 +287,7 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     # NOTE [ SP buffers in Level 1 ]: what the layer arenas hold for SP, at the attention step.
     sp_buffers = {part: sum(a.bytes for a in lay.allocs if a.kind in ("ring_buffer", "ulysses_buffer"))
                   for part, lay in (("forward", ctx.level1.forward), ("backward", ctx.level1.backward))}
-    return {
+    plan = {
         "memo_plan_version": PLAN_VERSION,
         "model": dict(model),
         "model_name": ctx.model_name,
@@ -291,6 +313,9 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
         "step": {**{k: v for k, v in level2.to_dict().items()}, "step_labels": labels, "peak_step": peak_step,
                  "live_at_peak": at_peak},
     }
+    from .planfile import planned_allocations   # (planfile imports this module)
+    plan["layer"]["planned"] = planned_allocations(plan)   # NOTE [ Planned allocations ]
+    return plan
 
 
 def plan_for_stages(ctx: PlanContext, stage: Optional[int]) -> tuple[dict, list[dict]]:
@@ -346,7 +371,8 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
     """Rows of the memory table: (what, bytes per rank, live at the step's peak)."""
     live = plan["step"]["live_at_peak"]
     st = plan["model_states"]
-    rows = [("weights", st["weights"], "weights" in live), ("gradients", st["gradients"], "gradients" in live),
+    rows = [("weights", st["weights"], "weights" in live), ("gradients", st["gradients"],
+                                                               any(k == "gradients" or k.endswith((".grad", "grads.rest")) for k in live)),
             ("optimizer states (device)", st["optimizer"], "optimizer" in live)]
     if st["zero3_gather"]:
         rows.append(("ZeRO-3 gather buffer", st["zero3_gather"], True))
