@@ -142,7 +142,9 @@ def _make_plan(cfg, seq: int, ratio: str, host_budget: str, workdir: str) -> str
     cmd = [sys.executable, "-m", "memo.cli.main", "plan", "--model", os.path.join(workdir, "config.json"),
            "--seq-len", str(seq), "--gpus", "1", "--sp", "1", "--gpu", "h100", "--host-memory", host_budget,
            "--swap-ratio", ratio, "--offload-optimizer", "--no-mip", "--out", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # cwd: `-m` puts the working directory first on sys.path, and a checkout's memo/ (no memo.planner,
+    # no memo._C) would hide the build on PYTHONPATH.
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     if not os.path.exists(out):
         raise RuntimeError(f"memo plan made no plan (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
     return out

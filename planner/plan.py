@@ -392,6 +392,10 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
          sum(v for k, v in live.items() if k.endswith(".kept")) or plan["keep_layers"] * (
              plan["swap"]["layer_input_bytes"] + plan["swap"]["attention_output_bytes"] + plan["swap"]["other_bytes"]),
          any(k.endswith(".kept") for k in peak_ids)),
+        # NOTE [ Level-2 step timeline ] rule 6: the recomputed tokens' outputs, during one layer's backward.
+        ("recompute block (per swapped layer)",
+         plan["swap"].get("recomputed_bytes_per_layer", 0) if plan["swap"].get("swapped_layers") else 0,
+         any(k.endswith(".recompute") for k in peak_ids)),
         ("LM head + loss block", lay["head_peak_bytes"], "head" in live),
         ("shared (RoPE cos/sin)", live.get("shared", 0), "shared" in live),
         ("runtime reserve (CUDA context, NCCL)", plan["reserve_bytes"], True),
