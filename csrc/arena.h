@@ -39,7 +39,10 @@
 //    only turn a planned request into a fallback; the wait enforces the order the plan
 //    assumed (the free came first) at the cost of a dependency the program implied anyway.
 // 4. Completed events are released (Events::release) when a request next touches their span
-//    or when the pending list grows past kPrunePending.
+//    or when the pending list grows past a mark: kPrunePending, then twice what a sweep left.
+//    The host runs ahead of the device (a whole forward, hundreds of frees), so a sweep at
+//    every free past a fixed size would query every pending event each time; doubling keeps
+//    it to O(1) queries per free.
 #pragma once
 
 #include <cstddef>
@@ -214,7 +217,10 @@ class ArenaReplay {
     pending_.push_back(Pending{live->first, live->second, stream, events_.record(stream)});
     live_arena_bytes_ -= live->second;
     live_arena_.erase(live);  // rule 6
-    if (pending_.size() > kPrunePending) prune(0, arena_bytes_);
+    if (pending_.size() > prune_at_) {  // rule 4
+      prune(0, arena_bytes_);
+      prune_at_ = 2 * pending_.size() > kPrunePending ? 2 * pending_.size() : kPrunePending;
+    }
   }
 
   // Did this replay hand `ptr` out (arena or fallback) and is it still live?
@@ -324,6 +330,7 @@ class ArenaReplay {
   long phase_ = -1;
   size_t next_ = 0;
   size_t suspended_ = 0;
+  size_t prune_at_ = kPrunePending;  // NOTE [ Stream-ordered arena frees ] rule 4
   size_t live_arena_bytes_ = 0;
   std::map<size_t, size_t> live_arena_;                  // offset -> size, handed out by the arena
   std::unordered_map<void*, size_t> fallback_size_;      // pointers handed out by the fallback

@@ -24,6 +24,7 @@ namespace {
 #define MEMO_CUDA_OK(op, expr)                                                                     \
   do {                                                                                             \
     cudaError_t memo_err_ = (expr);                                                                \
+    if (memo_err_ != cudaSuccess) (void)cudaGetLastError(); /* reported here, not by a later launch */ \
     TORCH_CHECK(memo_err_ == cudaSuccess, "memo.ops: ", op, ": ", #expr, " failed: ",             \
                 cudaGetErrorString(memo_err_), "; check the device with memo env and report a bug"); \
   } while (0)

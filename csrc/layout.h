@@ -34,23 +34,26 @@ inline bool make_slice_layout(const int64_t* sizes, const int64_t* strides, int 
                               int64_t start, int64_t stop, SliceLayout* out) {
   SliceLayout l;
   l.offset = start * strides[dim];
-  int64_t sz[64], st[64];
+  for (int d = 0; d < ndim; ++d) l.numel *= d == dim ? stop - start : sizes[d];
+  if (l.numel == 0) {  // no dimensions, whatever the tensor's rank
+    *out = l;
+    return true;
+  }
+  int64_t sz[kMaxCopyDims], st[kMaxCopyDims];
   int n = 0;
   for (int d = 0; d < ndim; ++d) {
     int64_t s = d == dim ? stop - start : sizes[d];
-    l.numel *= s;
     if (s == 1) continue;  // rule 3
     if (n > 0 && st[n - 1] == strides[d] * s) {
       sz[n - 1] *= s;
       st[n - 1] = strides[d];
     } else {
+      if (n == kMaxCopyDims) return false;  // one more than the layout holds
       sz[n] = s;
       st[n] = strides[d];
       ++n;
     }
   }
-  if (l.numel == 0) n = 0;
-  if (n > kMaxCopyDims) return false;
   l.ndim = n;
   for (int d = 0; d < n; ++d) {
     l.sizes[d] = sz[d];

@@ -110,6 +110,13 @@ class MemoConfig:
         if self.planned_memory and self.plan is None:
             raise MemoError("memo.config: planned_memory=True needs MemoConfig(plan='plan.json'), the plan whose "
                             "offsets the arena serves; make one with `memo plan ... --out plan.json`")
+        sp = self.sequence_parallel_group is not None or (self.sequence_parallel_size or 1) > 1
+        if self.planned_memory and sp:
+            # Under a pluggable allocator record_stream does nothing (NOTE [ Pluggable allocator contract ]
+            # in csrc/cuda/arena_alloc.cu), and NCCL relies on it unless TORCH_NCCL_AVOID_RECORD_STREAMS=1.
+            raise MemoError("memo.config: planned_memory=True is not supported with sequence parallelism yet (NCCL's "
+                            "buffers rely on record_stream, which memo's allocator cannot honour); drop planned_memory "
+                            "or run without sequence_parallel_size")
         if self.host_memory_budget is None:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             self.host_budget_bytes = _available_host_bytes() // 2 // max(local, 1)

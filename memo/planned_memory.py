@@ -12,24 +12,33 @@ NOTE [ Planned memory at run time ]
      device threads (pytorch/pytorch#167353). Process-wide, every tensor request arrives with
      its own size and stream on any thread.
   2. The price: the allocator must be installed before the process's first CUDA allocation
-     (PyTorch cannot swap allocators later). ``install()`` at program start does it; memo.wrap
-     does it when CUDA is not initialized yet, and otherwise refuses with that fix. Requests
+     (PyTorch cannot swap allocators later). ``install()`` at program start does it; the
+     first swapped forward refuses with that fix when it was not done (by then the model is
+     on the GPU: too late to install). Requests
      outside the arena's phases (parameters, optimizer, embedding, head, kept layers) are
      served by ``cudaMallocAsync`` with a pool that keeps what it frees (PyTorch's own
      ``backend:cudaMallocAsync``). ``torch.cuda.memory_stats`` is unavailable under a
      pluggable allocator; ``memo.stats`` reports the arena and that pool's reserved/used bytes.
   3. Phases, one arena per device: phase 0 (the plan's layer forward) runs from the start of a
      swapped layer's forward to its return; phase 1 (backward) from the gradient of the layer's
-     output (a tensor hook) to the gradient of its input. memo's restore of a layer (prefetch
-     copies, recomputation) runs with the arena suspended (NOTE [ Arena replay ] rule 7).
-     Which plan tensors are served: NOTE [ Planned allocations ] in memo/planner/planfile.py.
+     output (a tensor hook) to the gradient of its input, or to the end of the backward pass
+     when the input needs no gradient. memo's restore of a layer (prefetch copies,
+     recomputation) runs with the arena suspended (NOTE [ Arena replay ] rule 7). Which plan
+     tensors are served: NOTE [ Planned allocations ] in memo/planner/planfile.py.
   4. CPU devices are refused: host tensors come from the C allocator, which memo cannot
      replace; the replay itself is tested on CPU through ``memo.arena.ArenaReplay``.
+  5. Layer i's input is layer i-1's output, one tensor holding two hooks: layer i-1's "begin
+     backward" (registered first) and layer i's "end backward". Tensor hooks run in the order
+     they were registered, so the end comes second; it ends only the phase its own layer
+     began (``LayerPhases``), never the one layer i-1 just began. The hooks run on autograd's
+     thread for the device; the arena's phase state is per device and behind a mutex, and a
+     forward and a backward of one model do not run at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -74,10 +83,77 @@ def check_device(device: torch.device) -> None:
                         f"run on {device}; run on a CUDA device, or drop planned_memory (host memory is not planned)")
 
 
-class PlannedMemory:
-    """The arena of one device, and the phase boundaries of the swapped layers (rule 3)."""
+class LayerPhases:
+    """The phase boundaries of the swapped layers on one arena (rules 3 and 5). ``arena`` has
+    ``begin_phase(p)``, ``end_phase()``, ``suspend()`` and ``resume()``: the device arena of
+    :class:`PlannedMemory`, or the CPU replay ``memo.arena.ArenaReplay``."""
 
     FORWARD, BACKWARD = 0, 1
+
+    def __init__(self, arena) -> None:
+        self.arena = arena
+        self._owner: Optional[object] = None   # the forward call whose backward phase is open
+
+    @contextlib.contextmanager
+    def forward(self, hidden_states: torch.Tensor):
+        """Phase 0 around the layer's forward; yields a list the caller appends the output to,
+        so the backward phase can start at its gradient."""
+        outputs: list = []
+        self.arena.begin_phase(self.FORWARD)
+        try:
+            yield outputs
+        finally:
+            self.arena.end_phase()
+        out = outputs[0] if outputs else None
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            call = object()
+            out.register_hook(functools.partial(self._begin_backward, call))
+            if isinstance(hidden_states, torch.Tensor) and hidden_states.requires_grad:
+                hidden_states.register_hook(functools.partial(self._end_backward, call))
+
+    def _begin_backward(self, call: object, grad: torch.Tensor) -> None:
+        self.arena.begin_phase(self.BACKWARD)
+        self._owner = call
+        # Rule 3: the phase ends with the backward pass at the latest (an input without gradient).
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._end_backward, call, None))
+
+    def _end_backward(self, call: object, grad: Optional[torch.Tensor]) -> None:
+        if self._owner is call:   # rule 5
+            self._owner = None
+            self.arena.end_phase()
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """memo's own off-plan allocations (restore, recompute): NOTE [ Arena replay ] rule 7."""
+        self.arena.suspend()
+        try:
+            yield
+        finally:
+            self.arena.resume()
+
+
+class _DeviceArena:
+    """The CUDA arena of one device (csrc/cuda/arena_alloc.cu), as LayerPhases calls it."""
+
+    def __init__(self, native, device: int) -> None:
+        self.native, self.device = native, device
+
+    def begin_phase(self, phase: int) -> None:
+        self.native.arena_begin_phase(self.device, phase)
+
+    def end_phase(self) -> None:
+        self.native.arena_end_phase(self.device)
+
+    def suspend(self) -> None:
+        self.native.arena_suspend(self.device)
+
+    def resume(self) -> None:
+        self.native.arena_resume(self.device)
+
+
+class PlannedMemory:
+    """The arena of one device, and the phase boundaries of the swapped layers (rule 3)."""
 
     def __init__(self, plan: dict, device: torch.device) -> None:
         check_device(device)
@@ -90,40 +166,15 @@ class PlannedMemory:
                                         self.arena.alignment, self.device)
         except RuntimeError as e:
             raise MemoError(str(e)) from e
+        self.phases = LayerPhases(_DeviceArena(self.native, self.device))
 
-    @contextlib.contextmanager
     def forward(self, hidden_states: torch.Tensor):
-        """Phase 0 around the layer's forward; yields a list the caller appends the output to,
-        so the backward phase can start at its gradient."""
-        outputs: list = []
-        self.native.arena_begin_phase(self.device, self.FORWARD)
-        try:
-            yield outputs
-        finally:
-            self.native.arena_end_phase(self.device)
-        out = outputs[0] if outputs else None
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(self._begin_backward)
-        if hidden_states.requires_grad:
-            hidden_states.register_hook(self._end_backward)
+        """``LayerPhases.forward``: phase 0 around a swapped layer's forward."""
+        return self.phases.forward(hidden_states)
 
-    def _begin_backward(self, grad):
-        self.native.arena_begin_phase(self.device, self.BACKWARD)
-        return grad
-
-    def _end_backward(self, grad):
-        self.native.arena_end_phase(self.device)
-        return grad
-
-    @contextlib.contextmanager
     def suspended(self):
         """memo's own off-plan allocations (restore, recompute): NOTE [ Arena replay ] rule 7."""
-        self.native.arena_suspend(self.device)
-        try:
-            yield
-        finally:
-            self.native.arena_resume(self.device)
+        return self.phases.suspended()
 
     def stats(self) -> dict:
         """Arena counters (hits, misses, fallback bytes, arena size, ...) and the fallback pool's
@@ -131,6 +182,11 @@ class PlannedMemory:
         return dict(self.native.arena_stats(self.device))
 
     def close(self) -> None:
+        """Free the arena; every tensor it served must be gone (its memory is returned to CUDA)."""
+        live = self.stats().get("live_arena_blocks", 0)
+        if live:
+            raise MemoError(f"memo.planned_memory: {live} tensors still live in the arena of cuda:{self.device}; "
+                            f"finish (or drop) the backward that holds them before closing planned memory")
         self.native.arena_release(self.device)
 
 

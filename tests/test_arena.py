@@ -273,3 +273,23 @@ def test_same_stream_reuse_needs_no_event_and_completed_frees_are_dropped():
     p = arena.allocate(1024, stream=6)                   # another stream, events complete: no wait
     assert p == arena.base and arena.waits() == [] and arena.pending_frees == 0
     arena.free(p, stream=6)
+
+
+def test_the_pending_list_is_swept_when_it_doubles_not_at_every_free():
+    # NOTE [ Stream-ordered arena frees ] rule 4: the host runs ahead of the device, so frees
+    # pile up with events not yet complete; a sweep queries them all, and only a list that
+    # doubled since the last sweep earns another (kPrunePending = 64, then 2x what was left).
+    n = 300
+    arena = ArenaReplay(ArenaPlan(n * 512, [[(i * 512, 512) for i in range(n)]]))
+    arena.begin_phase(0)
+    blocks = [arena.allocate(512, stream=1) for _ in range(n)]   # n distinct spans, all hits
+    for b in blocks[:100]:
+        arena.free(b, stream=1)         # swept at 65 (nothing complete): the next mark is 130
+    arena.complete(1)                   # the device caught up: every pending event is complete
+    arena.free(blocks[100], stream=1)
+    assert arena.pending_frees == 101   # no sweep below the mark, though all could be released
+    for b in blocks[101:131]:
+        arena.free(b, stream=1)         # the 131st pending free sweeps: the completed 100 go
+    assert arena.pending_frees == 31
+    for b in blocks[131:]:
+        arena.free(b, stream=1)

@@ -165,6 +165,16 @@ def test_copy_plan_rejects_bad_arguments():
         ops.copy_plan((2, 3), (3, 1), 0, 0, 1, 0)
 
 
+def test_layouts_of_many_dimensions_are_refused_or_empty_never_overrun():
+    # NOTE [ Token slice layout ]: at most kMaxCopyDims (12) dimensions survive merging. Many
+    # more unmergeable ones are refused; with a dimension of size 0 there is nothing to copy.
+    sizes, strides = (3,) * 200, (5,) * 200
+    with pytest.raises(MemoError, match="more than 12 dimensions that cannot be merged"):
+        ops.copy_plan(sizes, strides, 0, 0, 2, 4)
+    p = ops.copy_plan(sizes + (0,), strides + (3,), 0, 0, 2, 4)
+    assert p["dma"] and p["pieces"] == 0, p
+
+
 def test_copy_counters_count_each_path(monkeypatch):
     src = torch.randn(2, 10, 16)
     out = torch.empty(2 * 4 * 16)

@@ -122,5 +122,7 @@ def test_a_real_layer_replays_its_plan_with_a_high_hit_rate(plan, real_requests)
 def test_config_needs_a_plan_and_a_cuda_device():
     with pytest.raises(MemoError, match=r"^memo\.config: planned_memory=True needs MemoConfig\(plan="):
         MemoConfig(planned_memory=True, host_memory_budget="1GiB")
+    with pytest.raises(MemoError, match=r"^memo\.config: planned_memory=True is not supported with sequence par"):
+        MemoConfig(planned_memory=True, plan="plan.json", sequence_parallel_size=2, host_memory_budget="1GiB")
     with pytest.raises(MemoError, match=r"^memo\.planned_memory: .* run on cpu; run on a CUDA device"):
         check_device(torch.device("cpu"))

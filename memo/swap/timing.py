@@ -19,6 +19,10 @@
 #    streams included. The runtime records each wait for a copy (NOTE [ Swap stream ordering ]
 #    rules 2 and 4) *before* the layer's start mark, so layer intervals hold compute only and the
 #    waits show up in the step's time.
+# 4. An interval is read only once both its marks completed: ``torch.cuda.Event.elapsed_time``
+#    refuses otherwise ("Both events must be completed"), and the end mark's completion says
+#    nothing of the start's when the two were recorded on different streams (a step's start is
+#    recorded on the forward's current stream, its end on the one autograd runs the backward on).
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ class StepTimer:
         out = []
         while self._closed:
             ratio, intervals = self._closed[0]
-            if not block and not all(iv.end.query() for iv in intervals):
+            if not block and not all(iv.start.query() and iv.end.query() for iv in intervals):
                 break
             self._closed.pop(0)
             out.append(self._times(ratio, intervals))
@@ -155,6 +159,7 @@ class StepTimer:
         times = StepTimes(source=self.source, ratio=ratio, step_s=None)
         per_layer = {"forward": times.forward_s, "backward": times.backward_s, "recompute": times.recompute_s}
         for iv in intervals:
+            iv.start.synchronize()   # elapsed_time needs both marks completed (rule 4)
             iv.end.synchronize()
             seconds = iv.start.elapsed_time(iv.end) / 1e3
             if iv.kind == "step":
