@@ -7,7 +7,10 @@ Checks (each independent: one that fails or crashes does not stop the others):
                     (b, s, h); (b, h, s, d) contiguous and transposed from (b, s, h, d); (b*s, h) seen
                     as the engine sees it (tokens_view) -- in bf16 and fp32, for slices at the start,
                     middle and end; memo.ops.copy_plan says DMA for each; memo.ops.copy_counters()
-                    counts DMA bytes and no kernel bytes. GPU: bandwidth of a 1 GiB slice (pack D2H,
+                    counts DMA bytes and no kernel bytes. The same with plain (pageable) host memory;
+                    and a layout the plan refuses (rows of 32 B, inner stride 2) through the kernel
+                    path, on a GPU a 96 MiB slice in several staging chunks (NOTE [ Staged kernel
+                    copies ]), bit-exact and counted as kernel bytes. GPU: bandwidth of a 1 GiB slice (pack D2H,
                     unpack H2D) alone and while SDPA attention runs on the compute stream, against a
                     contiguous memcpy (target: >= 50 GB/s during attention; RESULTS.md saw 33 GB/s
                     with the old gather kernel, 55 GB/s for a contiguous memcpy).
@@ -16,6 +19,9 @@ Checks (each independent: one that fails or crashes does not stop the others):
                     fp64 is within 2x the plain fp32 model's (the rule of tests/test_wrap_exactness.py).
     bf16_quality    the same model in bf16 at swap ratio 0.5: relative gradient error against fp64
                     within 1.05x the plain bf16 model's (RESULTS.md: 0.996-1.0035x). GPU only.
+    sdpa_kernels    memo.attention.sdpa.enabled_kernels; a wrapped bf16 GQA step under
+                    sdpa_kernel([EFFICIENT_ATTENTION]): memo records the efficient kernel, with k/v
+                    heads repeated exactly when repeat_kv_heads says so. GPU only.
     event_timing    issue 8 item 2. memo.stats(model).timing_source is "cuda events" ("host clock" on
                     the CPU), and each layer's forward time agrees within 20% with an independent
                     measurement of the same step: on a GPU, the span of the layer's compute-stream
@@ -25,7 +31,11 @@ Checks (each independent: one that fails or crashes does not stop the others):
     planned_memory  issue 10. In fresh processes (memo's allocator is installed before CUDA starts):
                     a plan from `memo plan --no-mip --gpu h100`, MemoConfig(plan=..., planned_memory=
                     True), two steps; gradients against the same model without planned memory (NOTE
-                    [ Planned memory gradients ]); memo.stats(model).planned_memory. GPU only.
+                    [ Planned memory gradients ]); memo.stats(model).planned_memory, with no arena
+                    block live after the backward; forward and backward phases entered once per
+                    swapped layer (PhaseProbe), none open after the backward; the workers exit 0
+                    without closing planned memory, no CUDA error on stderr; a 1 TiB torch.empty
+                    raises memo.arena's cudaMallocAsync error and CUDA still works after. GPU only.
 
     python benchmarks/gpu_check.py --json $OUT/gpu_check.json       # on a GPU, ~2 minutes
     python benchmarks/gpu_check.py --device cpu --tiny --json PATH   # the CPU's share, seconds
@@ -54,7 +64,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 
-CHECKS = ("dma_copies", "fp32_gqa", "bf16_quality", "event_timing", "planned_memory")
+CHECKS = ("dma_copies", "fp32_gqa", "bf16_quality", "sdpa_kernels", "event_timing", "planned_memory")
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 # Model shapes (Llama, built from configs). ``quality``: RESULTS.md's correctness model.
@@ -65,6 +75,7 @@ SIZES = {
     False: {   # default (GPU)
         "copy": dict(b=2, s=2048, h=16, d=128),
         "bandwidth_bytes": 1 << 30,
+        "kernel_copy": dict(b=1, s=1 << 22),   # slice of 3/4 of the tokens: 96 MiB, 2 staging chunks
         "quality": dict(layers=6, hidden=512, intermediate=1376, heads=8, kv_heads=4, vocab=4096, seq=4096),
         "timing": dict(layers=4, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000, seq=16384),
         "planned": dict(layers=4, hidden=512, intermediate=1376, heads=8, kv_heads=8, vocab=4096, seq=8192),
@@ -72,6 +83,7 @@ SIZES = {
     True: {    # --tiny (CPU tests): rows of d x 2 bytes = 64 B, the smallest a DMA plan takes
         "copy": dict(b=2, s=48, h=4, d=32),
         "bandwidth_bytes": 1 << 20,
+        "kernel_copy": dict(b=2, s=48),
         "quality": dict(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128, seq=64),
         "timing": dict(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128, seq=128),
         "planned": dict(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=128, seq=256),
@@ -194,71 +206,127 @@ def _bits(t):
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _counted(device: str, direction: str, native: bool) -> str:
+def _counted(device: str, direction: str, native: bool, dma: bool = True) -> str:
     """The copy counter a token-slice copy should land in (NOTE [ Copy counters ] in csrc/token_copy.h)."""
     if device == "cuda":
-        return f"{direction}_dma_bytes"
+        return f"{direction}_{'dma' if dma else 'kernel'}_bytes"
     if not native:
         return "torch_fallback_bytes"
     return "host_pack_bytes" if direction == "d2h" else "host_unpack_bytes"
 
 
+def copy_case(c: Check, name: str, make, dtype, device: str, dim: int, start: int, stop: int, host_memory,
+              native: bool, want_dma: bool = True) -> dict:
+    """Pack ``make(dtype, device).narrow(dim, start, stop - start)`` into host memory (``host_memory(
+    nbytes, dtype, shape)`` -> (tensor, release)) and unpack it into a second tensor of the layout:
+    bit-exact both ways, nothing written outside the slice, the plan and counters as expected."""
+    import torch
+    from memo import ops
+    src = make(dtype, device)
+    plan = ops.copy_plan(src.shape, src.stride(), dim, start, stop, src.element_size())
+    c.expect(plan["dma"] == want_dma, f"{name}: copy_plan says dma={plan['dma']} ({plan['reason']!r}), "
+             f"expected {'DMA' if want_dma else 'the kernel'}")
+    want = src.narrow(dim, start, stop - start)
+    nbytes = want.numel() * want.element_size()
+    host, release = host_memory(nbytes, dtype, ops.token_slice_shape(src, dim, start, stop))
+    ops.reset_copy_counters()
+    ops.pack_tokens(src, dim, start, stop, host)
+    sync(device)
+    packed = ops.copy_counters()
+    pack_exact = torch.equal(_bits(host), _bits(want.cpu()))
+    del src, want
+    dst = make(dtype, device)     # the same layout, other values
+    before = dst.clone()
+    ops.reset_copy_counters()
+    ops.unpack_tokens(host, dst, dim, start)
+    sync(device)
+    unpacked = ops.copy_counters()
+    n = dst.shape[dim]
+    unpack_exact = (torch.equal(_bits(dst.narrow(dim, start, stop - start).cpu()), _bits(host))
+                    and torch.equal(_bits(dst.narrow(dim, 0, start)), _bits(before.narrow(dim, 0, start)))
+                    and torch.equal(_bits(dst.narrow(dim, stop, n - stop)), _bits(before.narrow(dim, stop, n - stop))))
+    del dst, before
+    release()
+    c.expect(pack_exact, f"{name}: pack_tokens is not bit-exact")
+    c.expect(unpack_exact, f"{name}: unpack_tokens is not bit-exact (or wrote outside its tokens)")
+    for direction, counts in (("d2h", packed), ("h2d", unpacked)):
+        key = _counted(device, direction, native, want_dma)
+        others = {k: v for k, v in counts.items() if v and k != key}
+        c.expect(counts.get(key) == nbytes and not others,
+                 f"{name}: {direction} counters {dict((k, v) for k, v in counts.items() if v)}, "
+                 f"expected {key}={nbytes} only")
+    return {"case": name, "bytes": nbytes, "pieces": plan["pieces"], "row_bytes": plan["width"], "dma": plan["dma"],
+            "reason": plan["reason"], "pack_exact": pack_exact, "unpack_exact": unpack_exact,
+            "d2h_counted": {k: v for k, v in packed.items() if v},
+            "h2d_counted": {k: v for k, v in unpacked.items() if v}}
+
+
+def host_tensor(pin: bool):
+    """Host memory for copy_case outside memo's pool: page-locked, or plain (pageable) memory,
+    which CUDA copies synchronously through buffers of its own."""
+    import torch
+
+    def make(nbytes: int, dtype, shape):
+        return torch.empty(shape, dtype=dtype, pin_memory=pin), lambda: None
+    return make
+
+
+# NOTE [ Staged kernel copies ]
+#   A layout the copy plan refuses (rows of 8 fp32 = 32 B, under kMinDmaRowBytes, every other
+#   element of a (b, s, 16) tensor: inner stride 2) goes through the gather/scatter kernel and a
+#   device staging buffer of kStagingBytes (csrc/cuda_ops.cpp), chunk after chunk. On a GPU the
+#   slice is larger than the buffer, so the chunk loop runs more than once; on the CPU the same
+#   layout is copied by the host ops (bit-exactness only).
+STAGING_BYTES = 64 << 20     # kStagingBytes in csrc/cuda_ops.cpp
+
+
 def check_dma_copies(c: Check, device: str, sizes: dict) -> None:
     import torch
-    from memo import _ext, ops
+    from memo import _ext
     from memo.swap.host_pool import HostPool
     geo = sizes["copy"]
     b, s = geo["b"], geo["s"]
     slices = {"start": (0, s // 4), "middle": (s // 4, 3 * s // 4), "end": (s // 2, s)}
     native = _ext.csrc() is not None
     pool = HostPool(2 * b * s * geo["h"] * geo["d"] * 4, pin=device == "cuda")   # one block at a time
+
+    def pool_block(nbytes, dtype, shape):
+        block = pool.allocate(nbytes)
+        return block.view(dtype, shape), lambda: pool.free(block)
+
     cases = []
     for layout, (make, dim) in copy_layouts(**geo).items():
         for dtype in (torch.bfloat16, torch.float32):
-            src = make(dtype, device)
             for where, (start, stop) in slices.items():
                 name = f"{layout} {str(dtype).removeprefix('torch.')} {where}"
-                plan = ops.copy_plan(src.shape, src.stride(), dim, start, stop, src.element_size())
-                c.expect(plan["dma"], f"{name}: copy_plan says {plan['reason']!r}, not DMA")
-                want = src.narrow(dim, start, stop - start)
-                nbytes = want.numel() * want.element_size()
-                block = pool.allocate(nbytes)
-                host = block.view(dtype, ops.token_slice_shape(src, dim, start, stop))
-                ops.reset_copy_counters()
-                ops.pack_tokens(src, dim, start, stop, host)
-                sync(device)
-                packed = ops.copy_counters()
-                pack_exact = torch.equal(_bits(host), _bits(want.cpu()))
-                dst = make(dtype, device)     # the same layout, other values
-                before = dst.clone()
-                ops.reset_copy_counters()
-                ops.unpack_tokens(host, dst, dim, start)
-                sync(device)
-                unpacked = ops.copy_counters()
-                region = dst.narrow(dim, start, stop - start)
-                rest = torch.ones(dst.shape[dim], dtype=torch.bool, device=device)
-                rest[start:stop] = False
-                unpack_exact = torch.equal(_bits(region.cpu()), _bits(host)) and torch.equal(
-                    _bits(dst.index_select(dim, rest.nonzero().flatten())),
-                    _bits(before.index_select(dim, rest.nonzero().flatten())))
-                pool.free(block)
-                c.expect(pack_exact, f"{name}: pack_tokens is not bit-exact")
-                c.expect(unpack_exact, f"{name}: unpack_tokens is not bit-exact (or wrote outside its tokens)")
-                for direction, counts in (("d2h", packed), ("h2d", unpacked)):
-                    key = _counted(device, direction, native)
-                    others = {k: v for k, v in counts.items() if v and k != key}
-                    c.expect(counts.get(key) == nbytes and not others,
-                             f"{name}: {direction} counters {dict((k, v) for k, v in counts.items() if v)}, "
-                             f"expected {key}={nbytes} only")
-                cases.append({"case": name, "pieces": plan["pieces"], "row_bytes": plan["width"], "dma": plan["dma"],
-                              "pack_exact": pack_exact, "unpack_exact": unpack_exact,
-                              "d2h_counted": {k: v for k, v in packed.items() if v},
-                              "h2d_counted": {k: v for k, v in unpacked.items() if v}})
+                cases.append(copy_case(c, name, make, dtype, device, dim, start, stop, pool_block, native))
+    # Pageable host memory: every layout once (bf16, middle).
+    start, stop = slices["middle"]
+    pageable_cases = [copy_case(c, f"{layout} bfloat16 middle, pageable host", make, torch.bfloat16, device, dim,
+                                start, stop, host_tensor(pin=False), native)
+                      for layout, (make, dim) in copy_layouts(**geo).items()]
+    # The staged kernel path (NOTE [ Staged kernel copies ]).
+    kb, ks = sizes["kernel_copy"]["b"], sizes["kernel_copy"]["s"]
+    kernel_case = copy_case(
+        c, f"({kb},{ks},16)[..., ::2] float32 tokens {ks // 8}:{ks - ks // 8}",
+        lambda dt, dev: torch.randn(kb, ks, 16, dtype=dt, device=dev)[..., ::2], torch.float32, device, 1,
+        ks // 8, ks - ks // 8, host_tensor(pin=device == "cuda"), native, want_dma=False)
+    kernel_case["staging_chunks"] = -(-kernel_case["bytes"] // STAGING_BYTES)
+    if device == "cuda":
+        c.expect(kernel_case["staging_chunks"] >= 2, f"the kernel-path slice ({kernel_case['bytes']} B) fits one "
+                 f"staging chunk; it should take several")
+    c.figures["pageable_cases"] = pageable_cases
+    c.figures["kernel_case"] = kernel_case
     c.figures["cases"] = cases
     c.figures["host_pool"] = {"backend": pool.backend, "pinned": pool.pin}
     exact = sum(x["pack_exact"] and x["unpack_exact"] for x in cases)
     c.summary = (f"{exact}/{len(cases)} layouts x dtypes x slices bit-exact, "
-                 f"{sum(x['dma'] for x in cases)} planned as DMA")
+                 f"{sum(x['dma'] for x in cases)} planned as DMA; pageable host "
+                 f"{sum(x['pack_exact'] and x['unpack_exact'] for x in pageable_cases)}/{len(pageable_cases)} "
+                 f"bit-exact; kernel path ({kernel_case['reason']}) {kernel_case['bytes'] / 2**20:.1f} MiB in "
+                 f"{kernel_case['staging_chunks']} staging chunks "
+                 f"{'bit-exact' if kernel_case['pack_exact'] and kernel_case['unpack_exact'] else 'NOT bit-exact'}, "
+                 f"counted {kernel_case['d2h_counted']} / {kernel_case['h2d_counted']}")
     pool.close()
     if device != "cuda":
         c.figures["bandwidth"] = "skipped: copy bandwidth needs a GPU"
@@ -436,6 +504,44 @@ def check_bf16_quality(c: Check, ref: Reference) -> None:
     c.expect(ratio <= BF16_ERROR_FACTOR, f"relative error {ratio:.4f}x plain bf16's, rule <= {BF16_ERROR_FACTOR}x")
     c.summary = (f"relative error vs fp64 {ratio:.4f}x plain bf16's (rule <= {BF16_ERROR_FACTOR}x; "
                  f"RESULTS.md 0.996-1.0035x)")
+
+
+def check_sdpa_kernels(c: Check, device: str, shape: dict) -> None:
+    """The SDPA kernels memo sees enabled, and a wrapped bf16 GQA step with only the efficient
+    kernel allowed: memo must record it, with k/v heads repeated exactly when ``repeat_kv_heads``
+    says so for those kernels (NOTE [ Grouped heads and the math path ] rule 4)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import memo
+    from memo.attention.sdpa import enabled_kernels, repeat_kv_heads
+    dev = torch.device(device)
+    heads, kv_heads = shape["heads"], shape["kv_heads"]
+    c.figures["enabled_kernels"] = sorted(enabled_kernels(dev))
+    model = llama(shape, torch.bfloat16, device)
+    ids = token_ids(shape, device)
+    memo.wrap(model, memo.MemoConfig(swap_ratio=0.5, keep_last_layers=2, host_memory_budget=HOST_BUDGET))
+    try:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            only_efficient = sorted(enabled_kernels(dev))
+            with attention_kernel_recorder() as recorder:
+                loss, _ = grads_of(model, ids, device)
+    finally:
+        memo.unwrap(model)
+    kernels = {k: sorted(v) for k, v in recorder.seen.items()}
+    expect_repeat = repeat_kv_heads(device, torch.bfloat16, heads, kv_heads, only_efficient)
+    want_heads = heads if expect_repeat else kv_heads
+    repeated = bool(kernels) and all(v == [heads] for v in kernels.values())
+    c.figures.update(enabled_kernels_under_efficient_only=only_efficient, attention_kernels=kernels,
+                     heads=heads, kv_heads=kv_heads, heads_repeated=repeated, repeat_expected=expect_repeat,
+                     loss=loss)
+    c.expect(math.isfinite(loss), f"the step's loss is {loss}")
+    c.expect(any("efficient" in k for k in kernels), f"memo recorded no efficient-attention kernel: {kernels}")
+    c.expect(all(v == [want_heads] for v in kernels.values()),
+             f"kernels got k/v heads {kernels}; expected {want_heads} (repeat_kv_heads says "
+             f"{'repeat' if expect_repeat else 'do not repeat'} for {only_efficient} in bf16)")
+    c.summary = (f"enabled {c.figures['enabled_kernels']}; under EFFICIENT_ATTENTION only: "
+                 f"{', '.join(f'{k} (kv heads {v})' for k, v in kernels.items()) or 'no kernel recorded'}, "
+                 f"heads {'repeated' if repeated else 'not repeated'} ({heads}/{kv_heads})")
 
 
 # --- 4. Event timing ----------------------------------------------------------------------------
@@ -629,16 +735,72 @@ def make_plan(shape: dict, ratio: float, workdir: str) -> str:
     return out
 
 
+class PhaseProbe:
+    """Stands between memo's LayerPhases and its arena, passing every call through, and counts what
+    NOTE [ Planned memory at run time ] rules 3 and 5 promise: phases entered (per phase), phases
+    ended, the arena's hits while each phase was current, and whether one is still open."""
+
+    NAMES = {0: "forward", 1: "backward"}   # LayerPhases.FORWARD, LayerPhases.BACKWARD
+
+    def __init__(self, arena, stats) -> None:
+        self.arena, self.stats = arena, stats
+        self.begins: dict[str, int] = {}
+        self.hits: dict[str, int] = {}
+        self.ends = 0
+        self.current: str | None = None
+        self._hits_at_begin = 0
+
+    def _leave(self) -> None:
+        if self.current is not None:
+            self.hits[self.current] = self.hits.get(self.current, 0) + self.stats()["hits"] - self._hits_at_begin
+            self.current = None
+
+    def begin_phase(self, phase: int) -> None:
+        self._leave()              # the arena's begin_phase ends the phase before it
+        self.arena.begin_phase(phase)
+        name = self.NAMES.get(phase, str(phase))
+        self.begins[name] = self.begins.get(name, 0) + 1
+        self.current, self._hits_at_begin = name, self.stats()["hits"]
+
+    def end_phase(self) -> None:
+        self.arena.end_phase()
+        self.ends += 1
+        self._leave()
+
+    def suspend(self) -> None:
+        self.arena.suspend()
+
+    def resume(self) -> None:
+        self.arena.resume()
+
+
+# What a worker's stderr must not hold: CUDA errors, a C++ exception escaping (a free at exit:
+# NOTE [ Pluggable allocator contract ] rule 4), the arena's own failure reports.
+WORKER_STDERR_PROBLEMS = ("CUDA error", "cudaError", "terminate called", "memo.arena:", "illegal memory access",
+                          "Segmentation fault", "core dumped")
+OOM_BYTES = 1 << 40   # more than any GPU has: the fallback's cudaMallocAsync fails
+
+
+def stderr_problems(stderr: str) -> list[str]:
+    """The lines of a worker's stderr that name one of WORKER_STDERR_PROBLEMS."""
+    return [line.strip()[:300] for line in stderr.splitlines() if any(p in line for p in WORKER_STDERR_PROBLEMS)]
+
+
 def planned_memory_worker(spec: dict) -> dict:
     """One run of NOTE [ Planned memory gradients ] rule 1 in this (fresh) process: two steps,
-    the second step's gradients saved to ``spec["grads"]``."""
+    the second step's gradients saved to ``spec["grads"]``. With a plan, the second step runs
+    through a PhaseProbe, and then a request the GPU cannot hold must fail with memo's message
+    and leave CUDA usable. The process then exits without closing planned memory: tensors die at
+    interpreter exit (NOTE [ Pluggable allocator contract ] rule 4)."""
     import torch
     import memo
+    from memo.wrap import runtime_of
     if spec["plan"]:
         from memo.planned_memory import install
         install()     # before the first CUDA allocation (NOTE [ Planned memory at run time ] rule 2)
     torch.use_deterministic_algorithms(True, warn_only=True)
     shape = spec["shape"]
+    probe = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = llama(shape, torch.float32, "cuda")
@@ -646,24 +808,40 @@ def planned_memory_worker(spec: dict) -> dict:
         memo.wrap(model, memo.MemoConfig(swap_ratio=1.0, host_memory_budget=HOST_BUDGET, plan=spec["plan"],
                                          planned_memory=spec["plan"] is not None))
         loss1, g1 = grads_of(model, ids, "cuda")
+        pm = runtime_of(model).planned_memory
+        if pm is not None:
+            probe = pm.phases.arena = PhaseProbe(pm.phases.arena, pm.stats)
         loss2, g2 = grads_of(model, ids, "cuda")
     st = memo.stats(model)
     torch.save({n: g.float().cpu() for n, g in g2.items()}, spec["grads"])
-    return {"losses": [loss1, loss2], "repeat_bit_exact": all(torch.equal(g1[n], g2[n]) for n in g1),
-            "repeat_rel_diff": relative_error(g2, g1), "swap_ratio": st.swap_ratio,
-            "recomputed_bytes": st.recomputed_bytes, "planned_memory": st.planned_memory,
-            "nondeterministic_warnings": sorted({str(w.message)[:200] for w in caught
-                                                 if "deterministic" in str(w.message)})}
+    out = {"losses": [loss1, loss2], "repeat_bit_exact": all(torch.equal(g1[n], g2[n]) for n in g1),
+           "repeat_rel_diff": relative_error(g2, g1), "swap_ratio": st.swap_ratio,
+           "recomputed_bytes": st.recomputed_bytes, "planned_memory": st.planned_memory,
+           "swapped_layers": sum(not s.kept for s in st.layers),
+           "nondeterministic_warnings": sorted({str(w.message)[:200] for w in caught
+                                                if "deterministic" in str(w.message)})}
+    if probe is not None:
+        out["phases"] = {"begins": probe.begins, "ends": probe.ends, "hits": probe.hits,
+                         "open_after_backward": probe.current}
+        try:
+            torch.empty(OOM_BYTES, dtype=torch.uint8, device="cuda")
+            out["oom_error"] = None
+        except RuntimeError as e:
+            out["oom_error"] = str(e)[:500]
+        out["sum_after_oom"] = torch.ones(10, device="cuda").sum().item()
+    return out
 
 
 def run_worker(kind: str, spec: dict, timeout: float = 300.0) -> dict:
+    """The worker's row, with its exit code and the problems its stderr names (stderr_problems)."""
     env = {**os.environ, **DETERMINISTIC_ENV}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     rows = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("GPU_CHECK_ROW ")]
-    if proc.returncode or not rows:
+    if not rows:
         raise RuntimeError(f"{kind} worker failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-    return json.loads(rows[-1])
+    return {**json.loads(rows[-1]), "exit_code": proc.returncode, "stderr_problems": stderr_problems(proc.stderr),
+            "stderr_tail": proc.stderr.strip()[-1500:] if proc.returncode else ""}
 
 
 def check_planned_memory(c: Check, shape: dict) -> None:
@@ -692,11 +870,36 @@ def check_planned_memory(c: Check, shape: dict) -> None:
     c.expect(planned["swap_ratio"] == 1.0 and planned["recomputed_bytes"] == 0,
              f"the planned run ran at swap ratio {planned['swap_ratio']} and recomputed "
              f"{planned['recomputed_bytes']} B")
+    for kind, run in runs.items():
+        c.expect(run["exit_code"] == 0 and not run["stderr_problems"],
+                 f"the {kind} worker exited {run['exit_code']} (without closing planned memory); its stderr: "
+                 f"{run['stderr_problems'] or run['stderr_tail']}")
+    c.expect(pm.get("live_arena_blocks") == 0,
+             f"{pm.get('live_arena_blocks')} arena blocks still live after the backward; expected 0")
+    if not c.expect("phases" in planned, "planned memory never became active in the planned worker (no arena)"):
+        c.figures.update(plan=plan, reference=ref, planned=planned)
+        return
+    phases, swapped = planned["phases"], planned["swapped_layers"]
+    c.expect(swapped > 0 and phases["begins"].get("forward") == swapped and phases["begins"].get("backward") == swapped,
+             f"phases entered in the second step {phases['begins']}; expected forward and backward once for each of "
+             f"the {swapped} swapped layers")
+    c.expect(phases["open_after_backward"] is None,
+             f"the {phases['open_after_backward']} phase is still open after the backward pass (rule 3: it ends "
+             f"with the backward at the latest)")
+    oom = planned["oom_error"]
+    c.expect(oom is not None and "memo.arena: cudaMallocAsync" in oom,
+             f"torch.empty({OOM_BYTES} B) under memo's allocator: expected a RuntimeError from memo.arena: "
+             f"cudaMallocAsync, got {oom!r}")
+    c.expect(planned["sum_after_oom"] == 10, f"after the failed allocation torch.ones(10).sum() gave "
+             f"{planned['sum_after_oom']}, expected 10")
     c.figures.update(plan=plan, assertion=rule, bit_exact=bit_exact, rel_diff=diff, reference=ref, planned=planned)
     c.summary = (f"gradients {'bit-exact' if bit_exact else f'differ by {diff:.2e}'} vs the reference (asserted: "
                  f"{rule}); arena hits "
-                 f"{pm.get('hits')}, misses {pm.get('misses')}, stream waits {pm.get('stream_waits')}, fallback "
-                 f"{pm.get('fallback_bytes')} B")
+                 f"{pm.get('hits')} (per phase {planned['phases']['hits']}), misses {pm.get('misses')}, outside "
+                 f"{pm.get('outside')}, stream waits {pm.get('stream_waits')}, fallback {pm.get('fallback_bytes')} B, "
+                 f"live blocks {pm.get('live_arena_blocks')}; phases entered {planned['phases']['begins']}; "
+                 f"out-of-memory {'raised memo.arena' if oom and 'memo.arena' in oom else 'NOT memo.arena'}, "
+                 f"CUDA usable after: {planned['sum_after_oom'] == 10}")
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -704,6 +907,9 @@ def check_planned_memory(c: Check, shape: dict) -> None:
 GPU_ONLY = {
     "bf16_quality": "bf16 gradient error on the GPU's kernels; the CPU path is tested by "
                     "tests/test_wrap_exactness.py::test_bf16_within_twice_plain_bf16_error",
+    "sdpa_kernels": "SDPBackend.EFFICIENT_ATTENTION is a CUDA kernel; with only it enabled the CPU takes SDPA's "
+                    "math path, which memo refuses (NOTE [ Grouped heads and the math path ] rule 1); the rule is "
+                    "tested in tests/test_gqa_fp32.py",
     "planned_memory": "planned memory replaces the CUDA allocator (NOTE [ Planned memory at run time ] rule 4); "
                       "the CPU tests replay the arena in tests/test_planned_memory.py",
 }
@@ -729,6 +935,7 @@ def run_checks(device: str, tiny: bool, only: list[str]) -> dict[str, Check]:
         "dma_copies": lambda c: check_dma_copies(c, device, sizes),
         "fp32_gqa": lambda c: check_fp32_gqa(c, quality_reference()),
         "bf16_quality": lambda c: check_bf16_quality(c, quality_reference()),
+        "sdpa_kernels": lambda c: check_sdpa_kernels(c, device, sizes["quality"]),
         "event_timing": lambda c: check_event_timing(c, device, sizes["timing"]),
         "planned_memory": lambda c: check_planned_memory(c, sizes["planned"]),
     }

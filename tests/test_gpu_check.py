@@ -33,8 +33,8 @@ def test_cpu_tiny_run_passes_what_the_cpu_can_check(tmp_path, capsys):
     checks = data["checks"]
     assert data["exit_code"] == 0 and data["meta"]["device"] == "cpu"
     assert {n: c["status"] for n, c in checks.items()} == {
-        "dma_copies": "PASS", "fp32_gqa": "PASS", "bf16_quality": "SKIP", "event_timing": "PASS",
-        "planned_memory": "SKIP"}, printed
+        "dma_copies": "PASS", "fp32_gqa": "PASS", "bf16_quality": "SKIP", "sdpa_kernels": "SKIP",
+        "event_timing": "PASS", "planned_memory": "SKIP"}, printed
     for name, c in checks.items():
         assert f"{c['status']} {name}: " in printed and not c["failures"]
         assert c["status"] != "SKIP" or c["reason"].startswith("needs a GPU: ")
@@ -45,6 +45,12 @@ def test_cpu_tiny_run_passes_what_the_cpu_can_check(tmp_path, capsys):
         assert case["dma"] and case["pack_exact"] and case["unpack_exact"], case
         native = data["meta"]["csrc"]["active"]
         assert list(case["d2h_counted"]) == ["host_pack_bytes" if native else "torch_fallback_bytes"], case
+    native = data["meta"]["csrc"]["active"]
+    pageable = checks["dma_copies"]["figures"]["pageable_cases"]
+    assert len(pageable) == 4 and all(x["pack_exact"] and x["unpack_exact"] and x["dma"] for x in pageable)
+    kernel = checks["dma_copies"]["figures"]["kernel_case"]   # a layout the plan sends to the kernel
+    assert not kernel["dma"] and kernel["pack_exact"] and kernel["unpack_exact"], kernel
+    assert kernel["d2h_counted"] == {"host_pack_bytes" if native else "torch_fallback_bytes": kernel["bytes"]}
     assert checks["dma_copies"]["figures"]["bandwidth"].startswith("skipped")
 
     gqa = checks["fp32_gqa"]["figures"]
@@ -92,3 +98,43 @@ def test_layer_kernel_spans_follow_launching_ops_to_their_layer():
     spans = gpu_check.layer_kernel_spans(events)
     assert spans == {0: {"span_s": pytest.approx(300e-6), "busy_s": pytest.approx(200e-6), "kernels": 2, "stream": 7},
                      1: {"span_s": pytest.approx(2000e-6), "busy_s": pytest.approx(2000e-6), "kernels": 1, "stream": 7}}
+
+
+def test_phase_probe_counts_phases_and_hits_per_phase_and_passes_calls_through(monkeypatch):
+    from memo import _ext
+    from memo.arena import ArenaPlan, ArenaReplay
+    if _ext._module is None:
+        pytest.skip(f"memo._C not built: {_ext._load_error}")
+    monkeypatch.setenv(_ext.DISABLE_ENV, "0")
+    from memo.planned_memory import LayerPhases
+
+    class AllocatesInBackward(torch.autograd.Function):   # x -> 2x; its backward takes one 512 B arena block
+        @staticmethod
+        def forward(ctx, x, arena):
+            ctx.arena = arena
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            ctx.arena.free(ctx.arena.allocate(512))
+            return grad * 2, None
+
+    arena = ArenaReplay(ArenaPlan(arena_bytes=512, phases=[[], [(0, 512)]]))
+    phases = LayerPhases(arena)
+    probe = phases.arena = gpu_check.PhaseProbe(arena, arena.stats)
+    h = torch.ones(4, requires_grad=True)
+    for w in [torch.nn.Parameter(torch.full((4,), 1.5)) for _ in range(3)]:
+        with phases.forward(h) as outputs:
+            outputs.append(AllocatesInBackward.apply(h * w, arena) + h)
+        h = outputs[0]
+    h.sum().backward()
+    assert probe.begins == {"forward": 3, "backward": 3} and probe.current is None
+    assert probe.hits == {"forward": 0, "backward": 3} == {"forward": 0, "backward": arena.stats()["hits"]}
+
+
+def test_stderr_problems_names_cuda_errors_and_escaped_exceptions_only():
+    stderr = ("UserWarning: a deterministic kernel is unavailable\n"
+              "terminate called after throwing an instance of 'c10::Error'\n"
+              "memo.arena: freeing 0x7f00 (512 B) on device 0 failed: CUDA error: driver shutting down\n")
+    assert gpu_check.stderr_problems(stderr) == stderr.splitlines()[1:]
+    assert gpu_check.stderr_problems("UserWarning: something else\n") == []
