@@ -313,8 +313,9 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
         "step": {**{k: v for k, v in level2.to_dict().items()}, "step_labels": labels, "peak_step": peak_step,
                  "live_at_peak": at_peak},
     }
-    from .planfile import planned_allocations   # (planfile imports this module)
-    plan["layer"]["planned"] = planned_allocations(plan)   # NOTE [ Planned allocations ]
+    from .planfile import param_grad_requests, planned_allocations   # (planfile imports this module)
+    plan["layer"]["param_grads"] = param_grad_requests(prof)   # NOTE [ Planned allocations ] rule 2
+    plan["layer"]["planned"] = planned_allocations(plan)
     return plan
 
 

@@ -165,7 +165,11 @@ def check_plan_matches(plan: dict, *, model: dict, seq_len: int, micro_batch: in
 #      order (``MODELLED_KINDS``: SP buffers the planner adds at the attention step);
 #   2. an id number missing from the layout (a parameter gradient: a model state the planner
 #      leaves out) is a request the arena leaves to the fallback (unplanned), so the requests
-#      after it keep their index;
+#      after it keep their index. Its size is in ``layer.param_grads`` (``param_grad_requests``),
+#      so the arena matches it like any other request: a size-less slot matches nothing, and
+#      the gradient (the 256 B of a norm weight) then took the next slot of its rounded size
+#      and shifted every later request of the phase (measured: half the backward's hits lost).
+#      Plans written before the field have no sizes; their gradients stay insertions;
 #   3. a request that outlives the phase (``end`` equals the block's last step: the layer
 #      output, saved activations, the input gradient) is unplanned too: a span held across
 #      phases would collide with the next phase's plan;
@@ -190,19 +194,31 @@ def _is_request(t: dict, part: str) -> bool:
     return not (part == "backward" and t.get("op") == _GRAD_SEED_OP and t["start"] == 0)
 
 
-def _phase_slots(layout: dict, part: str) -> list[tuple[Optional[dict], str]]:
-    """Per request index: (tensor or None for a missing id, why it is unplanned or "")."""
-    tensors = layout["tensors"]
+def param_grad_requests(profile: dict) -> dict:
+    """``{part: {id: bytes}}``: the parameter gradients a layer's forward / backward allocates,
+    rounded as the arena rounds requests; a plan keeps them as ``layer.param_grads`` (rule 2)."""
+    return {part: {a["id"]: -(-a["bytes"] // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+                   for a in profile[part]["allocs"] if a["kind"] == "param_grad"}
+            for part in LAYER_PHASES}
+
+
+def _phase_slots(plan: dict, part: str) -> list[tuple[dict, str]]:
+    """Per request index: (tensor, why it is unplanned or ""); a parameter gradient missing from
+    the layout is ``{"id", "bytes"}`` (bytes 0 when the plan does not record it)."""
+    tensors = plan["layer"][part]["tensors"]
+    grads = plan["layer"].get("param_grads", {}).get(part, {})
     last = max((t["end"] for t in tensors), default=0)
     by_n = {int(_ID.match(t["id"]).group(1)): t for t in tensors if _ID.match(t["id"])}
     skip = {n for n, t in by_n.items() if not _is_request(t, part)}
+    count = max([*by_n, *(int(_ID.match(i).group(1)) for i in grads)], default=-1) + 1
     slots = []
-    for n in range(max(by_n, default=-1) + 1):
+    for n in range(count):
         if n in skip:
             continue
         t = by_n.get(n)
         if t is None:
-            slots.append((None, "param_grad"))                          # rule 2
+            tid = f"{part[0]}{n}"
+            slots.append(({"id": tid, "bytes": grads.get(tid, 0)}, "param_grad"))   # rule 2
         elif t["end"] >= last or t["bytes"] == 0:
             slots.append((t, t.get("kind", "other")))                              # rule 3
         else:
@@ -215,14 +231,14 @@ def planned_allocations(plan: dict) -> dict:
     fallback, by kind. See NOTE [ Planned allocations ]."""
     out = {}
     for part in LAYER_PHASES:
-        slots = _phase_slots(plan["layer"][part], part)
+        slots = _phase_slots(plan, part)
         planned = [t for t, why in slots if not why]
         left: dict[str, dict] = {}
         for t, why in slots:
             if why:
                 entry = left.setdefault(why, {"count": 0, "bytes": 0})
                 entry["count"] += 1
-                entry["bytes"] += 0 if t is None else t["bytes"]
+                entry["bytes"] += t["bytes"]
         out[part] = {"requests": len(slots), "planned_count": len(planned),
                      "planned_bytes": sum(t["bytes"] for t in planned),
                      "planned_peak_bytes": max((t["offset"] + t["bytes"] for t in planned), default=0),
@@ -236,7 +252,6 @@ def arena_phases(plan: dict) -> tuple[int, list[list[tuple[Optional[int], int]]]
     unplanned one. The arena is as large as the highest planned span of either phase."""
     phases = []
     for part in LAYER_PHASES:
-        phases.append([(None if why else t["offset"], 0 if t is None else t["bytes"])
-                       for t, why in _phase_slots(plan["layer"][part], part)])
+        phases.append([(None if why else t["offset"], t["bytes"]) for t, why in _phase_slots(plan, part)])
     arena = max((off + size for ph in phases for off, size in ph if off is not None), default=0)
     return arena, phases

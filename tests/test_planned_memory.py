@@ -14,7 +14,7 @@ from memo.arena import ArenaPlan, ArenaReplay, replay_requests
 from memo.config import MemoConfig
 from memo.errors import MemoError
 from memo.planner.plan import solve_level1
-from memo.planner.planfile import arena_phases, planned_allocations
+from memo.planner.planfile import arena_phases, param_grad_requests, planned_allocations
 from memo.planned_memory import check_device
 from memo.profile import _layer_classes, hf_config_from_model, profile_model
 
@@ -24,9 +24,11 @@ MODEL = {"model_type": "llama", "layers": 2, "hidden": 64, "intermediate": 176, 
          "head_dim": 16, "vocab": 256}
 TOKENS = 96
 # Hits / planned requests measured on this layer (torch 2.13 CPU): forward 15/17 = 0.88,
-# backward 29/59 = 0.49 (17 conflicts: the real backward frees some buffers later than the
-# fake-tensor profile says, so their planned spans are still live). Floors below those.
-MIN_HIT_RATE = (0.85, 0.45)
+# backward 41/59 = 0.69 (29/59 before the plan recorded parameter-gradient sizes, NOTE [ Planned
+# allocations ] rule 2). The rest of the backward's misses: autograd sums a tensor's gradients
+# in place (InputBuffer::accumulate's add_) where the fake-tensor profile allocates old + new,
+# so the real backward holds fewer, longer-lived buffers than planned. Floors below these.
+MIN_HIT_RATE = (0.85, 0.65)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +40,8 @@ def csrc_on(monkeypatch):
 def plan():
     prof = profile_model(MODEL, seq_len=TOKENS, dtype="fp32", loss_chunk=None).to_dict()
     level1 = solve_level1(prof, use_mip=False)
-    return {"layer": {"forward": level1.forward.to_dict(), "backward": level1.backward.to_dict()}}
+    return {"layer": {"forward": level1.forward.to_dict(), "backward": level1.backward.to_dict(),
+                      "param_grads": param_grad_requests(prof)}}
 
 
 def _recorded(fn) -> list[tuple]:
@@ -114,6 +117,8 @@ def test_a_real_layer_replays_its_plan_with_a_high_hit_rate(plan, real_requests)
         hits, misses = s["hits"] - before["hits"], s["misses"] - before["misses"]
         planned = sum(o is not None for o, _ in arena.plan.phases[phase])
         rates.append(hits / planned)
+        print(f"phase {phase}: {hits}/{planned} hits, {s['conflicts'] - before['conflicts']} conflicts, "
+              f"{s['skipped'] - before['skipped']} skipped")
     assert rates[0] >= MIN_HIT_RATE[0] and rates[1] >= MIN_HIT_RATE[1], rates
     s = arena.stats()
     assert s["live_arena_blocks"] == 0 and s["live_fallback_blocks"] == 0
