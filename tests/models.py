@@ -53,3 +53,32 @@ def run_step(model, micro_batches, dtype=None) -> tuple[list, dict]:
 def twin(model, dtype=None):
     m = copy.deepcopy(model)
     return m.to(dtype) if dtype is not None else m
+
+
+def planner_layer(model: dict, batch_size: int, seq: int):
+    """A real fp32 decoder layer built from a planner model dict (memo.profile's config), a random
+    input that requires grad, and the shared arguments (RoPE cos/sin; None for gpt2)."""
+    from memo.profile import _layer_classes, hf_config_from_model
+    torch.manual_seed(0)
+    cfg = hf_config_from_model(model)
+    layer_cls, rope_cls, _ = _layer_classes(cfg)
+    layer = layer_cls(cfg, layer_idx=0)
+    x = torch.randn(batch_size, seq, model["hidden"], requires_grad=True)
+    shared = None
+    if model["model_type"] != "gpt2":
+        shared = tuple(t.detach() for t in rope_cls(cfg)(x, torch.arange(seq).unsqueeze(0)))
+    return layer, x, shared
+
+
+class AllocatesInBackward(torch.autograd.Function):
+    """x -> 2x; its backward makes (and frees) one ``nbytes`` request of a memo.arena.ArenaReplay."""
+
+    @staticmethod
+    def forward(ctx, x, arena, nbytes=512):
+        ctx.arena, ctx.nbytes = arena, nbytes
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.arena.free(ctx.arena.allocate(ctx.nbytes))
+        return grad * 2, None, None

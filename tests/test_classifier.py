@@ -11,8 +11,9 @@ and log-sum-exp. Agreement alone would not catch a wrong shared rule; the oracle
 import pytest
 import torch
 
-from memo.profile import _layer_classes, hf_config_from_model, profile_layer_saved, profile_model
+from memo.profile import profile_layer_saved, profile_model
 from memo.trace import LayerCall, SavedClass, trace_layer
+from models import planner_layer
 from test_profile import SMALL
 
 SEQ, BATCH = 16, 2
@@ -21,16 +22,7 @@ CLASS_OF_KIND = {"param": SavedClass.PARAM, "layer_input": SavedClass.INPUT, "sh
 
 
 def _layer(model: dict):
-    """A real fp32 decoder layer built from the planner's config, its input and shared arguments."""
-    torch.manual_seed(0)
-    cfg = hf_config_from_model(model)
-    layer_cls, rope_cls, _ = _layer_classes(cfg)
-    layer = layer_cls(cfg, layer_idx=0)
-    x = torch.randn(BATCH, SEQ, model["hidden"], requires_grad=True)
-    shared = None
-    if model["model_type"] != "gpt2":
-        shared = tuple(t.detach() for t in rope_cls(cfg)(x, torch.arange(SEQ).unsqueeze(0)))
-    return layer, x, shared
+    return planner_layer(model, BATCH, SEQ)
 
 
 def _oracle_kinds(layer, x, shared) -> list[str]:

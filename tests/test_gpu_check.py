@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers.models.llama.modeling_llama  # noqa: F401  (imported by the suite anyway: not this test's time)
+from models import AllocatesInBackward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
@@ -107,17 +108,6 @@ def test_phase_probe_counts_phases_and_hits_per_phase_and_passes_calls_through(m
         pytest.skip(f"memo._C not built: {_ext._load_error}")
     monkeypatch.setenv(_ext.DISABLE_ENV, "0")
     from memo.planned_memory import LayerPhases
-
-    class AllocatesInBackward(torch.autograd.Function):   # x -> 2x; its backward takes one 512 B arena block
-        @staticmethod
-        def forward(ctx, x, arena):
-            ctx.arena = arena
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, grad):
-            ctx.arena.free(ctx.arena.allocate(512))
-            return grad * 2, None
 
     arena = ArenaReplay(ArenaPlan(arena_bytes=512, phases=[[], [(0, 512)]]))
     phases = LayerPhases(arena)

@@ -8,6 +8,7 @@ import torch
 from memo import _ext
 from memo.arena import ArenaPlan, ArenaReplay
 from memo.planned_memory import LayerPhases
+from models import AllocatesInBackward
 
 pytestmark = pytest.mark.skipif(_ext._module is None, reason=f"memo._C not built: {_ext._load_error}")
 
@@ -19,26 +20,12 @@ def csrc_on(monkeypatch):
     monkeypatch.setenv(_ext.DISABLE_ENV, "0")
 
 
-class _AllocatesInBackward(torch.autograd.Function):
-    """x -> 2x; its backward makes (and frees) one BLOCK-byte request of the arena."""
-
-    @staticmethod
-    def forward(ctx, x, arena):
-        ctx.arena = arena
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.arena.free(ctx.arena.allocate(BLOCK))
-        return grad * 2, None
-
-
 def _stack(phases, arena, x, weights):
     """Swapped layers as memo runs them: each layer's input is the previous layer's output."""
     h = x
     for w in weights:
         with phases.forward(h) as outputs:
-            out = _AllocatesInBackward.apply(h * w, arena) + h   # a residual, as in a decoder layer
+            out = AllocatesInBackward.apply(h * w, arena, BLOCK) + h   # a residual, as in a decoder layer
             outputs.append(out)
         h = out
     return h

@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_leaves
 
 from memo.planner.layout import live_bytes_over_time
 from memo.planner.plan import ALIGN, solve_level1
-from memo.profile import _layer_classes, hf_config_from_model, profile_model
+from memo.profile import profile_model
+from models import planner_layer
 from test_profile import SMALL
 
 # The planner rounds every allocation up to ALIGN (512) bytes, as the CUDA caching allocator
@@ -91,14 +92,7 @@ class _LiveBytes(TorchDispatchMode):
 
 def _measure(model: dict) -> tuple[list[int], list[int]]:
     """Live bytes at each forward step and at each backward step of a real fp32 layer run."""
-    torch.manual_seed(0)
-    cfg = hf_config_from_model(model)
-    layer_cls, rope_cls, _ = _layer_classes(cfg)
-    layer = layer_cls(cfg, layer_idx=0)
-    x = torch.randn(MICRO_BATCH, SEQ, model["hidden"], requires_grad=True)
-    shared = None
-    if model["model_type"] != "gpt2":
-        shared = tuple(t.detach() for t in rope_cls(cfg)(x, torch.arange(SEQ).unsqueeze(0)))
+    layer, x, shared = planner_layer(model, MICRO_BATCH, SEQ)
     fixed = [*layer.parameters(), *layer.buffers(), *(shared or ())]
     live = _LiveBytes({t.untyped_storage()._cdata for t in fixed})
     live.track(x)
