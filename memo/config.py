@@ -68,6 +68,11 @@ class MemoConfig:
     # Every collective waits at most this long, so a dead rank fails the others instead of hanging.
     # None: MEMO_SP_TIMEOUT_S, else 300 s (long enough for a slow first step at 1M tokens).
     sp_timeout_s: Optional[float] = None
+    # Tokens per tile of each decoder layer's MLP (NOTE [ Token tiling ] in memo/tiling.py): its
+    # intermediates (batch x tile x intermediate) and their gradients exist one tile at a time, at the
+    # cost of one more MLP forward in backward. "auto" tiles only sequences longer than 4096 tokens,
+    # where the intermediates are what limits memory; None never tiles; an int is the tile.
+    tile_tokens: Union[None, int, str] = "auto"
     # Off switch that keeps call sites unchanged (`memo.wrap(model, MemoConfig(enabled=False))`).
     enabled: bool = True
     # Resolved byte budget (filled in by __post_init__).
@@ -90,6 +95,8 @@ class MemoConfig:
             raise MemoError(f"memo.config: keep_last_layers={self.keep_last_layers!r} must be an int >= 0")
         if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size <= 0):
             raise MemoError(f"memo.config: loss_chunk_size={self.loss_chunk_size!r} must be a positive int or None")
+        from memo.tiling import check_tile_setting
+        self.tile_tokens = check_tile_setting(self.tile_tokens)
         if self.offload_dtype not in _OFFLOAD_DTYPES:
             raise MemoError(f"memo.config: offload_dtype={self.offload_dtype!r} is not one of {_OFFLOAD_DTYPES}")
         from memo.parallel.groups import BACKENDS

@@ -19,10 +19,29 @@ replayed from its swapped outputs.
 #    unpack (``retain_graph=True``) is refused with a MemoError.
 # 5. From any state, garbage collection of the state (the autograd graph was dropped, e.g. after
 #    an exception) returns its host blocks to the pool.
+
+# NOTE [ Layer policies ]
+#
+# 1. A swapped layer runs one of two policies. "memo" (MEMO's): the layer input and the attention
+#    kernel's outputs go to the host whole, the last alpha share of every other token tensor's
+#    tokens too, and the rest is recomputed token-wise with attention replayed, never run.
+#    "input" (the offloaded checkpoint of ALST/FPDT): only the layer input goes to the host; every
+#    other record is dropped, and before the backward the whole layer forward runs again on the
+#    restored input, attention included (under sequence parallelism its ring or all-to-all runs
+#    again too). Half the host bytes of "memo" at alpha 0, for one more attention forward.
+# 2. Which layers run which: a plan's ``layer_policies`` (``MemoConfig(plan=...)``) as given;
+#    otherwise "memo" for every swapped layer, except with ``swap_ratio="auto"`` when the host
+#    budget cannot hold every swapped layer's input and attention output: then the first k swapped
+#    layers run "input", k the least that fits (memo.runtime ``_choose_policies``).
+# 3. A budget that cannot hold even every layer's input is refused before the first forward.
+# 4. The recompute of an "input" layer is the same computation on the same input as its forward,
+#    so it saves the same tensors with the same bits; a layer that draws random numbers has its
+#    RNG states restored first (as torch.utils.checkpoint does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from typing import TYPE_CHECKING, Callable, Optional
@@ -32,11 +51,15 @@ import torch
 from memo.errors import MemoError
 from memo.planned_memory import off_plan
 from memo.swap.record import RecordState, SwapRecord, geometry, make_record, view_index
+from memo.tiling import restore_rng_states, rng_states
 from memo.trace import AttentionKernelMode, Classifier, KERNEL_TOKEN_DIM, LayerCall, LayerTrace, SavedClass, \
     autocast_like, autocast_state, storage_key
 
 if TYPE_CHECKING:
     from memo.runtime import MemoRuntime
+
+
+POLICIES = ("memo", "input")   # NOTE [ Layer policies ]
 
 
 class LayerPhase(enum.Enum):
@@ -69,13 +92,18 @@ class LayerState:
     """Saved activations of one forward call of one decoder layer."""
 
     def __init__(self, runtime: "MemoRuntime", index: int, layer: torch.nn.Module,
-                 layer_forward: Callable, call: LayerCall, trace: LayerTrace, alpha: float) -> None:
+                 layer_forward: Callable, call: LayerCall, trace: LayerTrace, alpha: float,
+                 policy: str = "memo") -> None:
+        assert policy in POLICIES, f"memo.executor: unknown layer policy {policy!r} (bug in memo)"
         self.runtime = runtime
         self.index = index
         self.layer = layer
         self.layer_forward = layer_forward
         self.call = call
         self.trace = trace
+        self.policy = policy
+        # NOTE [ Layer policies ] rule 4: the recompute of an "input" layer draws the forward's random numbers.
+        self.rng = rng_states(call.hidden_states.device) if policy == "input" and trace.random_ops else None
         # NOTE [ Which tokens are recomputed ] rule 4: random layers recompute nothing.
         self.alpha = 1.0 if trace.random_ops else alpha
         # Recomputation runs inside backward, where autocast is off: re-enter the forward's.
@@ -148,7 +176,8 @@ class LayerState:
                 self.classify(tensors[0]) if first >= 0 else SavedClass.OTHER)
             layout = saved[first].layout if first >= 0 else None
             rec = make_record(cls, [geometry(t) for t in tensors], tensors[0].dtype, tensors[0].device, layout,
-                              self.call.batch, self.call.seq, self.alpha, cfg.offload_torch_dtype)
+                              self.call.batch, self.call.seq, self.alpha, cfg.offload_torch_dtype,
+                              dropped=self.policy == "input" and cls is not SavedClass.INPUT)
             rec.source = tensors[0]
             rec.first_index = first
             rec.handles = sum(1 for i, _ in members if i >= 0)
@@ -200,9 +229,12 @@ class LayerState:
         engine.wait_restored(self)
         self.restore_waited = True
         start = time.perf_counter()
-        token_records = [r for r in self.records.values() if r.mode == "tokens" and r.split > 0]
-        if token_records:
-            self._recompute(token_records)
+        if self.policy == "input":
+            self._recompute_layer()
+        else:
+            token_records = [r for r in self.records.values() if r.mode == "tokens" and r.split > 0]
+            if token_records:
+                self._recompute(token_records)
         self.recompute_s = time.perf_counter() - start
         self.to(LayerPhase.RESTORED)
         for rec in self.records.values():
@@ -230,27 +262,46 @@ class LayerState:
                             if full.dim() > KERNEL_TOKEN_DIM else full.clone())
             return tuple(outs)
 
+        captured = self._run_capturing(hidden, kwargs, AttentionKernelMode(replay=replay))
+        for rec in token_records:
+            rec.fill_recomputed(captured[rec.first_index])
+
+    def _recompute_layer(self) -> None:
+        """The "input" policy: the whole layer again on its restored input (NOTE [ Layer policies ] rule 1)."""
+        input_rec = self.records[self.input_key]
+        hidden = input_rec.view_value(0).detach().requires_grad_(self.input_requires_grad)
+        captured = self._run_capturing(hidden, self.call.sliced_kwargs(self.call.seq), AttentionKernelMode())
+        for rec in self.records.values():
+            if rec.dropped:
+                rec.fill_dropped(captured[rec.first_index])
+
+    def _run_capturing(self, hidden: torch.Tensor, kwargs: dict, kernel_mode: AttentionKernelMode) -> list:
+        """Run the layer forward again; every tensor it saves, in order (detached)."""
         captured: list[torch.Tensor] = []
 
         def capture(t):
             captured.append(t.detach())
             return captured[-1]
 
-        with torch.enable_grad(), autocast_like(self.autocast), \
-                torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t), AttentionKernelMode(replay=replay):
+        with contextlib.ExitStack() as stack:
+            if self.rng is not None:
+                restore_rng_states(stack, self.rng, hidden.device)
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(autocast_like(self.autocast))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t))
+            stack.enter_context(kernel_mode)
             self.layer_forward(hidden, *self.call.args, **kwargs)
         if len(captured) != len(self.trace.saved):
             raise AssertionError(f"memo.executor: recomputing layer {self.index} saved {len(captured)} tensors, "
                                  f"the forward saved {len(self.trace.saved)} (bug in memo)")
-        for rec in token_records:
-            rec.fill_recomputed(captured[rec.first_index])
+        return captured
 
     # --- accounting -----------------------------------------------------------------------
     def host_bytes(self) -> int:
         return sum(r.host_bytes() for r in self.records.values())
 
     def recomputed_bytes(self) -> int:
-        return sum(r.recomputed_bytes() for r in self.records.values() if r.mode == "tokens")
+        return sum(r.recomputed_bytes() for r in self.records.values() if r.mode == "tokens" or r.dropped)
 
     def activation_bytes(self) -> int:
         return sum(r.bytes() for r in self.records.values())
@@ -268,7 +319,7 @@ class LayerState:
 
 
 def plan_layer_records(trace: LayerTrace, alpha: float, device: torch.device,
-                       host_dtype: Optional[torch.dtype]) -> list[SwapRecord]:
+                       host_dtype: Optional[torch.dtype], policy: str = "memo") -> list[SwapRecord]:
     """The records a layer call will make, from its trace alone (for sizing before any forward)."""
     groups: dict[int, list] = {}
     classes: dict[int, SavedClass] = {}
@@ -287,7 +338,8 @@ def plan_layer_records(trace: LayerTrace, alpha: float, device: torch.device,
     for group, geoms in groups.items():
         info = trace.saved[group]
         records.append(make_record(classes[group], geoms, info.dtype, device, info.layout, trace.batch, trace.seq,
-                                   alpha, host_dtype))
+                                   alpha, host_dtype,
+                                   dropped=policy == "input" and classes[group] is not SavedClass.INPUT))
     if not has_input:
         shape = trace.hidden_shape
         stride = (shape[1] * shape[2], shape[2], 1)

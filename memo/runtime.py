@@ -48,6 +48,11 @@ class MemoRuntime:
         self.layers = layers
         n = len(layers)
         self.swapped = set(range(max(n - config.keep_last_layers, 0)))
+        # NOTE [ Layer policies ]: "memo" for every swapped layer unless a plan or the host budget says "input".
+        self.policies: dict[int, str] = {i: "memo" for i in self.swapped}
+        self.plan_policies: Optional[dict[int, str]] = None   # a plan's mix, applied as given
+        self.tiled: dict = {}          # layer index -> memo.tiling.TiledLayer (NOTE [ Token tiling ])
+        self.tile_setting = config.tile_tokens
         self.originals: dict[int, Callable] = {}
         self.traces: dict[tuple, LayerTrace] = {}
         self.prepared_key: Optional[tuple] = None
@@ -58,7 +63,8 @@ class MemoRuntime:
         self.auto: Optional[AutoRatio] = None
         self.sizes: dict = {}
         self.pass_states: list[weakref.ref] = []
-        self.layer_stats = {i: LayerStats(index=i, kept=i not in self.swapped) for i in range(n)}
+        self.layer_stats = {i: LayerStats(index=i, kept=i not in self.swapped,
+                                          policy="memo" if i in self.swapped else "kept") for i in range(n)}
         self.step_times: dict = {}
         self.copies_at_step = ops.copy_counters()   # counters at the last step boundary (MemoStats.copies)
         # Makes the engine's StepTimer; tests hand in one that reports chosen measurements.
@@ -70,6 +76,7 @@ class MemoRuntime:
         self.current_device: Optional[torch.device] = None
         self.step_end_state: Optional[weakref.ref] = None   # its backward ends the step's timing
         self._cache_warned = False
+        self._warned_policies: Optional[tuple] = None
         self.plan: Optional[dict] = None
         self.shared_args: dict[int, int] = {}
         self.sp = None                 # memo.parallel.SequenceParallel when sequence parallelism is on
@@ -101,7 +108,7 @@ class MemoRuntime:
             return self._run_kept(index, layer, original, hidden_states, args, kwargs, first)
         call = LayerCall(hidden_states, args, kwargs)
         trace = self._prepare(index, layer, original, call)
-        state = LayerState(self, index, layer, original, call, trace, self.alpha)
+        state = LayerState(self, index, layer, original, call, trace, self.alpha, self.policies[index])
         if index == min(self.swapped):
             self.step_end_state = weakref.ref(state)
         self._mark_forward("start", index, first)
@@ -119,7 +126,14 @@ class MemoRuntime:
         st.swapped_bytes = state.host_bytes()
         st.recomputed_bytes = state.recomputed_bytes()
         st.resident_bytes = 0
+        st.policy = state.policy
+        st.tile_tokens = self._tile_of(index)
         return out
+
+    def _tile_of(self, index: int) -> Optional[int]:
+        """Tokens per MLP tile in layer ``index``'s last forward (None: untiled)."""
+        tiled = self.tiled.get(index)
+        return None if tiled is None else tiled.tile
 
     def layers_in_pass(self) -> range:
         return range(len(self.layers))
@@ -153,6 +167,7 @@ class MemoRuntime:
         self._mark_forward("stop", index, first)
         st = self.layer_stats[index]
         st.activation_bytes = st.resident_bytes = sum(seen.values())
+        st.tile_tokens = self._tile_of(index)
         return out
 
     # --- passes -----------------------------------------------------------------------------
@@ -262,45 +277,91 @@ class MemoRuntime:
             out.append(self.traces[key])
         return out
 
-    def _host_need(self, traces: list[LayerTrace], alpha: float, device: torch.device) -> int:
+    def _layer_needs(self, traces: list[LayerTrace], alpha: float, device: torch.device,
+                     policies: Optional[dict[int, str]] = None) -> list[int]:
+        """Host bytes of each swapped layer (``traces`` in the order of ``sorted(self.swapped)``)."""
         host_dtype = self.config.offload_torch_dtype
-        return sum(_aligned(r.host_bytes()) for t in traces for r in plan_layer_records(t, alpha, device, host_dtype))
+        policies = self.policies if policies is None else policies
+        return [sum(_aligned(r.host_bytes()) for r in plan_layer_records(t, alpha, device, host_dtype, policies[i]))
+                for t, i in zip(traces, sorted(self.swapped))]
+
+    def _host_need(self, traces: list[LayerTrace], alpha: float, device: torch.device,
+                   policies: Optional[dict[int, str]] = None) -> int:
+        return sum(self._layer_needs(traces, alpha, device, policies))
+
+    def _choose_policies(self, traces: list[LayerTrace], device: torch.device) -> None:
+        """NOTE [ Layer policies ] rules 2 and 3: the plan's mix, else "memo" everywhere, else (auto, when the
+        host budget cannot hold inputs and attention outputs) the fewest "input" layers that fit."""
+        swapped = sorted(self.swapped)
+        if self.plan_policies is not None:
+            self.policies = dict(self.plan_policies)
+            return
+        self.policies = {i: "memo" for i in swapped}
+        budget = self.config.host_budget_bytes
+        if not self._auto_enabled() or self._host_need(traces, 0.0, device) <= budget:
+            return
+        all_input = {i: "input" for i in swapped}
+        need_input = self._host_need(traces, 0.0, device, all_input)
+        if need_input > budget:
+            raise MemoError(
+                f"memo.wrap: host budget {format_bytes(budget)} cannot hold even the layer inputs of {len(swapped)} "
+                f"swapped layers, which need {format_bytes(need_input)} with every layer recomputing its attention; "
+                f"set MemoConfig(host_memory_budget='{_ceil_gib(need_input)}GiB') or more, or raise keep_last_layers")
+        for k in range(1, len(swapped) + 1):   # the first k swapped layers recompute attention
+            mix = {i: ("input" if j < k else "memo") for j, i in enumerate(swapped)}
+            if self._host_need(traces, 0.0, device, mix) <= budget:
+                self.policies = mix
+                return
 
     def _size_pool(self, call: LayerCall) -> None:
-        """Check the host budget and size the pool before the first forward of these shapes."""
+        """Check the host budget, choose the layer policies and size the pool before the first forward of
+        these shapes."""
         device = call.hidden_states.device
         traces = self._layer_traces(call)
         budget = self.config.host_budget_bytes
+        self._choose_policies(traces, device)
+        swapped = sorted(self.swapped)
+        memo_layers = [i for i in swapped if self.policies[i] == "memo"]
         need_full = self._host_need(traces, 1.0, device)
         need_min = self._host_need(traces, 0.0, device)
-        n = len(traces)
-        self.sizes = {"fixed_bytes_per_layer": need_min / max(n, 1),
-                      "other_bytes_per_layer": (need_full - need_min) / max(n, 1), "swapped_layers": n}
+        input_need = sum(self._layer_needs(traces, 0.0, device)[j] for j, i in enumerate(swapped)
+                         if self.policies[i] == "input")
+        n, m = len(traces), len(memo_layers)
+        self.sizes = {"fixed_bytes_per_layer": (need_min - input_need) / max(m, 1),
+                      "other_bytes_per_layer": (need_full - need_min) / max(m, 1), "swapped_layers": n,
+                      "input_layers": n - m}
         self.current_traces, self.current_device = traces, device
         if self._auto_enabled():
-            if need_min > budget:
-                raise MemoError(
-                    f"memo.wrap: host budget {format_bytes(budget)} cannot hold the layer inputs and attention "
-                    f"outputs of {n} swapped layers ({format_bytes(need_min)}); set "
-                    f"MemoConfig(host_memory_budget='{_ceil_gib(need_min)}GiB') or more, or raise keep_last_layers")
-            memory_bound = 1.0 if need_full <= budget else (budget - need_min) / (need_full - need_min)
-            if self.auto is None or not self.auto.settled:   # (again) for these shapes: NOTE [ Auto swap ratio ]
-                seq = call.seq
-                self.auto = AutoRatio(s_fixed=self.sizes["fixed_bytes_per_layer"],
-                                      s_other=self.sizes["other_bytes_per_layer"], swapped=sorted(self.swapped),
-                                      tokens=call.batch * seq, seq=seq, host_budget=budget,
-                                      quantize=lambda a: _floor_ratio(a, seq))
-                self.alpha, self.alpha_reason = self.auto.ratio, self.auto.reason
-            elif self.alpha > memory_bound:
-                self.alpha = _floor_ratio(memory_bound, call.seq)
-                self.alpha_reason = f"auto: {self.alpha_reason}; cut to {self.alpha:.3f} by the host budget for " \
-                                    f"inputs of {call.seq} tokens"
+            fallback = "" if m == n else (f"; {n - m} of {n} swapped layers keep only their input on the host and "
+                                          f"recompute attention (the host budget {format_bytes(budget)} cannot hold "
+                                          f"every layer's input and attention output)")
+            if fallback and self._warned_policies != (n - m, n):
+                self._warned_policies = (n - m, n)
+                warnings.warn(f"memo: {fallback[2:]}; steps are slower by one attention forward per such layer. "
+                              f"Raise host_memory_budget to avoid it", stacklevel=4)
+            if m == 0:
+                self.auto = None
+                self.alpha, self.alpha_reason = 0.0, "auto: no layer keeps its attention output" + fallback
+            else:
+                memory_bound = 1.0 if need_full <= budget else (budget - need_min) / (need_full - need_min)
+                if self.auto is None or not self.auto.settled:   # (again) for these shapes: NOTE [ Auto swap ratio ]
+                    seq = call.seq
+                    self.auto = AutoRatio(s_fixed=self.sizes["fixed_bytes_per_layer"],
+                                          s_other=self.sizes["other_bytes_per_layer"], swapped=memo_layers,
+                                          tokens=call.batch * seq, seq=seq, host_budget=budget - input_need,
+                                          quantize=lambda a: _floor_ratio(a, seq))
+                    self.alpha, self.alpha_reason = self.auto.ratio, self.auto.reason + fallback
+                elif self.alpha > memory_bound:
+                    self.alpha = _floor_ratio(memory_bound, call.seq)
+                    self.alpha_reason = f"auto: {self.alpha_reason}; cut to {self.alpha:.3f} by the host budget for " \
+                                        f"inputs of {call.seq} tokens"
         need = self._host_need(traces, self.alpha, device)
         if need > budget:
             raise MemoError(
                 f"memo.wrap: swap_ratio={self.alpha} needs {format_bytes(need)} of host memory for {n} swapped layers "
                 f"but host_memory_budget is {format_bytes(budget)}; set host_memory_budget='{_ceil_gib(need)}GiB' "
-                f"or lower swap_ratio (0.0 needs {format_bytes(need_min)})")
+                f"or lower swap_ratio (0.0 needs {format_bytes(need_min)}), or use swap_ratio='auto', which makes "
+                f"layers recompute their attention when the budget cannot hold their attention outputs")
         self._ensure_pool(need, device)
 
     def _auto_enabled(self) -> bool:

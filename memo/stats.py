@@ -19,6 +19,10 @@ class LayerStats:
     forward_s: float = 0.0
     recompute_s: float = 0.0
     backward_s: float = 0.0    # swapped layers: from the restore to the last unpack, recompute excluded
+    # "memo" (input + attention output + alpha of the rest on the host), "input" (only the input on the
+    # host, attention recomputed) or "kept": NOTE [ Layer policies ] in memo/executor.py.
+    policy: str = "memo"
+    tile_tokens: Optional[int] = None   # tokens per MLP tile in the last forward; None: untiled
 
 
 @dataclass
@@ -66,10 +70,10 @@ class MemoStats:
     def __str__(self) -> str:
         ratio = "n/a" if self.swap_ratio is None else f"{self.swap_ratio:.3f}"
         lines = [f"memo: swap_ratio {ratio} ({self.swap_ratio_setting}); {self.swap_ratio_reason}",
-                 f"{'layer':>5} {'kept':>4} {'activations':>12} {'swapped':>12} {'recomputed':>12} "
+                 f"{'layer':>5} {'policy':>6} {'tile':>6} {'activations':>12} {'swapped':>12} {'recomputed':>12} "
                  f"{'resident':>12} {'fwd s':>8} {'recomp s':>8}"]
         for s in self.layers:
-            lines.append(f"{s.index:>5} {'yes' if s.kept else 'no':>4} {format_bytes(s.activation_bytes):>12} "
+            lines.append(f"{s.index:>5} {s.policy:>6} {s.tile_tokens or '-':>6} {format_bytes(s.activation_bytes):>12} "
                          f"{format_bytes(s.swapped_bytes):>12} {format_bytes(s.recomputed_bytes):>12} "
                          f"{format_bytes(s.resident_bytes):>12} {s.forward_s:>8.3f} {s.recompute_s:>8.3f}")
         pool = self.host_pool

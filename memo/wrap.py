@@ -74,6 +74,9 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
         _install_sequence_parallel(model, layers, runtime, config)
     if config.plan is not None:
         _apply_plan(model, runtime, config)
+    from memo import tiling   # NOTE [ Token tiling ]
+    runtime.tiled = tiling.install(layers, runtime.tile_setting,
+                                   tiling.intermediate_size(model.config, model.config.hidden_size))
     for i, layer in enumerate(layers):
         runtime.originals[i] = layer.forward
         layer.forward = functools.partial(_layer_forward, runtime, i, layer)
@@ -124,6 +127,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for i, layer in enumerate(runtime.layers):
         if "forward" in layer.__dict__:
             del layer.forward
+    from memo import tiling
+    tiling.uninstall(runtime.tiled)
     del runtime.base.forward
     if getattr(runtime, "original_model_forward", None) is not None:
         del model.forward
@@ -232,6 +237,32 @@ def _apply_plan(model, runtime: MemoRuntime, config: MemoConfig) -> None:
     runtime.plan = plan
     runtime.alpha = float(plan["alpha"])
     runtime.alpha_reason = f"from plan {config.plan}"
+    _apply_plan_layers(runtime, config, plan)
+
+
+def _apply_plan_layers(runtime: MemoRuntime, config: MemoConfig, plan: dict) -> None:
+    """The plan's layer policies, kept layers and tile (NOTE [ Layer policies ] rule 2 in memo/executor.py)."""
+    n = len(runtime.layers)
+    policies = plan.get("layer_policies")
+    if policies is None:   # plans made before policies existed: "memo" but the last keep_layers
+        keep = int(plan.get("keep_layers", config.keep_last_layers))
+        policies = ["memo"] * max(n - keep, 0) + ["kept"] * min(keep, n)
+    if len(policies) != n:
+        raise MemoError(f"memo.wrap: plan {config.plan} has layer_policies for {len(policies)} layers, the model has "
+                        f"{n}; make the plan for this model with `memo plan`")
+    keep = policies.count("kept")
+    if keep != config.keep_last_layers:
+        warnings.warn(f"memo.wrap: keep_last_layers={config.keep_last_layers} is overridden by the plan, which keeps "
+                      f"{keep} layer(s) on the device ({config.plan})", stacklevel=4)
+    runtime.swapped = {i for i, p in enumerate(policies) if p != "kept"}
+    runtime.plan_policies = {i: p for i, p in enumerate(policies) if p != "kept"}
+    runtime.policies = dict(runtime.plan_policies)
+    for i, st in runtime.layer_stats.items():
+        st.kept = i not in runtime.swapped
+        st.policy = policies[i]
+    if "tile_tokens" in plan and config.tile_tokens == "auto":
+        runtime.tile_setting = plan["tile_tokens"]   # the tile the plan's memory was computed with
+
 
 
 # --- sequence parallelism ----------------------------------------------------------------------

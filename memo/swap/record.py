@@ -14,6 +14,8 @@
 #    recomputed (alpha = 1).
 # 4. A layer that draws random numbers outside attention (dropout) recomputes nothing: the
 #    prefix would get other random numbers than the forward used. Its alpha is 1.
+# 5. A ``dropped`` record (a layer running the "input" policy, NOTE [ Layer policies ] in
+#    memo/executor.py) puts nothing on the host: the whole layer's recompute hands it its tensor.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class SwapRecord:
     unpacks: int = 0
     handles: int = 0
     first_index: int = -1
+    dropped: bool = False            # rule 5: nothing swapped, all recomputed with the whole layer
     meta: dict = field(default_factory=dict)
 
     # --- life cycle -----------------------------------------------------------------------
@@ -99,6 +102,8 @@ class SwapRecord:
         return self.numel() * self.itemsize
 
     def swapped_numel(self) -> int:
+        if self.dropped:
+            return 0
         if self.mode == "whole":
             return self.numel()
         return self.numel() // self.seq * (self.seq - self.split)
@@ -137,6 +142,8 @@ class SwapRecord:
 
     def allocate_device(self) -> None:
         """The device buffer the swapped part comes back into (compute stream)."""
+        if self.dropped:
+            return   # the recompute's own tensor becomes the value (fill_dropped)
         if self.mode == "whole":
             self.value = torch.empty(self.numel(), dtype=self.dtype, device=self.device)
         else:
@@ -169,12 +176,23 @@ class SwapRecord:
                                         f"{tuple(dst.shape)} (bug in memo)")
         dst.copy_(src)
 
+    def fill_dropped(self, recomputed: torch.Tensor) -> None:
+        """Take the whole layer's recomputed tensor as the value (rule 5); same geometry as the forward's."""
+        if self.mode == "tokens":
+            v = self.views[0]
+            assert (tuple(recomputed.shape), tuple(recomputed.stride())) == (v.shape, v.stride), (
+                f"memo.executor: recomputed tensor has geometry {tuple(recomputed.shape)}/{recomputed.stride()}, "
+                f"expected {v.shape}/{v.stride} (bug in memo)")
+            self.value = recomputed
+        else:   # the span of its storage, so that view_value rebuilds every view at its offset
+            self.value = recomputed.as_strided((self.numel(),), (1,), self.span[0])
+
     def view_value(self, i: int) -> torch.Tensor:
         """The restored tensor for view ``i`` of this record."""
         if self.mode == "tokens":
             return self.value
         v = self.views[i]
-        return self.value.as_strided(v.shape, v.stride, v.offset)
+        return self.value.as_strided(v.shape, v.stride, self.value.storage_offset() + v.offset)
 
     def release(self) -> None:
         """Autograd has the restored tensor; drop ours and give the host block back."""
@@ -197,7 +215,7 @@ def geometry(t: torch.Tensor) -> Geometry:
 
 def make_record(cls: SavedClass, geoms: list[Geometry], dtype: torch.dtype, device: torch.device,
                 layout: Optional[TokenLayout], batch: int, seq: int, alpha: float,
-                host_dtype: Optional[torch.dtype]) -> SwapRecord:
+                host_dtype: Optional[torch.dtype], dropped: bool = False) -> SwapRecord:
     """A record for the views ``geoms`` of one storage. See NOTE [ Which tokens are recomputed ]."""
     unique: list[Geometry] = []
     for g in geoms:
@@ -218,6 +236,7 @@ def make_record(cls: SavedClass, geoms: list[Geometry], dtype: torch.dtype, devi
                          layout=None, batch=batch, seq=seq)
     if host_dtype is not None and dtype == torch.float32 and host_dtype != dtype:
         rec.host_dtype = host_dtype
+    rec.dropped = dropped
     return rec
 
     
