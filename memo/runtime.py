@@ -77,6 +77,7 @@ class MemoRuntime:
         self.step_end_state: Optional[weakref.ref] = None   # its backward ends the step's timing
         self._cache_warned = False
         self._warned_policies: Optional[tuple] = None
+        self.policy_note = ""   # why some layers run "input" (NOTE [ Layer policies ] rule 2), for memo.stats
         self.plan: Optional[dict] = None
         self.shared_args: dict[int, int] = {}
         self.sp = None                 # memo.parallel.SequenceParallel when sequence parallelism is on
@@ -335,13 +336,14 @@ class MemoRuntime:
             fallback = "" if m == n else (f"; {n - m} of {n} swapped layers keep only their input on the host and "
                                           f"recompute attention (the host budget {format_bytes(budget)} cannot hold "
                                           f"every layer's input and attention output)")
+            self.policy_note = fallback
             if fallback and self._warned_policies != (n - m, n):
                 self._warned_policies = (n - m, n)
                 warnings.warn(f"memo: {fallback[2:]}; steps are slower by one attention forward per such layer. "
                               f"Raise host_memory_budget to avoid it", stacklevel=4)
             if m == 0:
                 self.auto = None
-                self.alpha, self.alpha_reason = 0.0, "auto: no layer keeps its attention output" + fallback
+                self.alpha, self.alpha_reason = 0.0, "auto: no layer keeps its attention output"
             else:
                 memory_bound = 1.0 if need_full <= budget else (budget - need_min) / (need_full - need_min)
                 if self.auto is None or not self.auto.settled:   # (again) for these shapes: NOTE [ Auto swap ratio ]
@@ -350,7 +352,7 @@ class MemoRuntime:
                                           s_other=self.sizes["other_bytes_per_layer"], swapped=memo_layers,
                                           tokens=call.batch * seq, seq=seq, host_budget=budget - input_need,
                                           quantize=lambda a: _floor_ratio(a, seq))
-                    self.alpha, self.alpha_reason = self.auto.ratio, self.auto.reason + fallback
+                    self.alpha, self.alpha_reason = self.auto.ratio, self.auto.reason
                 elif self.alpha > memory_bound:
                     self.alpha = _floor_ratio(memory_bound, call.seq)
                     self.alpha_reason = f"auto: {self.alpha_reason}; cut to {self.alpha:.3f} by the host budget for " \
@@ -419,7 +421,7 @@ class MemoRuntime:
         pool.update(pin_s=self.pin_s, capacities=list(self.pool_sizes))   # every pool this model made, in order
         return MemoStats(layers=[self.layer_stats[i] for i in sorted(self.layer_stats)], host_pool=pool,
                          swap_ratio=self.alpha, swap_ratio_setting=self.config.swap_ratio,
-                         swap_ratio_reason=self.alpha_reason, shared_bytes=sum(self.shared_args.values()),
+                         swap_ratio_reason=self.alpha_reason + self.policy_note, shared_bytes=sum(self.shared_args.values()),
                          step=dict(self.step_times), timing_source=self.timing_source,
                          copies={k: v - self.copies_at_step.get(k, 0) for k, v in ops.copy_counters().items()},
                          swap_ratio_decisions=[] if self.auto is None else list(self.auto.decisions),

@@ -19,7 +19,7 @@ def results(request):
 
 
 STEPS = ("llama-swap", "llama-noswap", "mistral-swap", "llama-swap-contiguous", "llama-swap-model-loss",
-         "llama-ulysses-swap")
+         "llama-ulysses-swap", "llama-tiled-swap", "llama-tiled-ulysses-swap", "llama-input-layers")
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -44,7 +44,7 @@ def test_swapping_runs_per_rank_and_recompute_sends_no_message(results):
         assert swap["swapped_bytes"] > 0 and swap["recomputed_bytes"] > 0
         assert noswap["swapped_bytes"] == 0 and noswap["recompute_calls"] == 0
         for step in STEPS:
-            if res[step]["recomputed_bytes"]:
+            if res[step]["recomputed_bytes"] and "input" not in res[step]["policies"]:   # "input" layers run attention
                 assert res[step]["recompute_calls"] == 3, step   # 4 layers, the last kept
                 assert res[step]["recompute_messages"] == 0, f"{step}: recomputation sent messages"
 
@@ -62,3 +62,14 @@ def test_packed_documents_match_separate_runs(results):
         got, want = res["packed"]["loss"]
         assert abs(got - want) <= 4 * float(np.spacing(np.float32(want))), (got, want)
         assert res["packed"]["grad_max_diff"] <= 1e-5 * res["packed"]["grad_scale"], res["packed"]
+
+
+def test_tiles_and_input_layers_under_sequence_parallelism(results):
+    """NOTE [ Token tiling ] and NOTE [ Layer policies ] on every rank (exactness: the steps above)."""
+    world, per_rank = results
+    for res in per_rank:
+        assert res["llama-tiled-swap"]["tiles"] == [16] * 4
+        assert res["llama-tiled-ulysses-swap"]["tiles"] == [16] * 4
+        step = res["llama-input-layers"]
+        assert step["policies"] == ["input"] * 3 + ["kept"]
+        assert step["layer_swapped_bytes"][:3] == [128 // world * 64 * 4] * 3   # the layer input only

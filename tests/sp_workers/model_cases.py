@@ -54,7 +54,9 @@ def _counting_recompute(self, records):
 memo.executor.LayerState._recompute = _counting_recompute   # observes; the real recompute runs
 
 
-def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, seq=SEQ, loss_chunk_size=4096):
+def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, seq=SEQ, loss_chunk_size=4096,
+            **extra):
+    """``extra``: more MemoConfig fields (tile_tokens; swap_ratio and host_memory_budget override)."""
     model = build(kind, seed=3)
     if dtype is not None:
         model = model.to(dtype)
@@ -65,9 +67,9 @@ def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, s
     ref = _plain(model, ids, labels, dtype=torch.float64)
     plain = _plain(model, ids, labels)
     twin = copy.deepcopy(model)
-    config = memo.MemoConfig(sequence_parallel_size=world, sp_backend=backend, sp_layout=layout, swap_ratio=0.5,
-                             keep_last_layers=1 if swap else 4, host_memory_budget="1GiB",
-                             loss_chunk_size=loss_chunk_size)
+    config = memo.MemoConfig(**{**dict(sequence_parallel_size=world, sp_backend=backend, sp_layout=layout,
+                                       swap_ratio=0.5, keep_last_layers=1 if swap else 4, host_memory_budget="1GiB",
+                                       loss_chunk_size=loss_chunk_size), **extra})
     memo.wrap(twin, config)
     shard = shard_batch({"input_ids": ids, "labels": labels}, layout=layout)
     _RECOMPUTE.update(calls=0, messages=0)
@@ -81,9 +83,18 @@ def sp_step(kind, world, *, swap, backend="ring", layout="zigzag", dtype=None, s
                                                           swap_ratio=0.5, keep_last_layers=1 if swap else 4,
                                                           host_memory_budget="1GiB"))
     one(**shard_batch({"input_ids": ids, "labels": labels}, group=alone))
-    return {"one_process_swapped_bytes": memo.stats(one).swapped_bytes,"errors": _errors(out.loss.item(), _grads(twin), ref[0], ref[1], plain[0], plain[1]),
+    return {"one_process_swapped_bytes": memo.stats(one).swapped_bytes,
+            "errors": _errors(out.loss.item(), _grads(twin), ref[0], ref[1], plain[0], plain[1]),
             "loss": out.loss.item(), "swapped_bytes": st.swapped_bytes, "recomputed_bytes": st.recomputed_bytes,
-            "recompute_calls": _RECOMPUTE["calls"], "recompute_messages": _RECOMPUTE["messages"]}
+            "recompute_calls": _RECOMPUTE["calls"], "recompute_messages": _RECOMPUTE["messages"],
+            "policies": [s.policy for s in st.layers], "tiles": [s.tile_tokens for s in st.layers],
+            "layer_swapped_bytes": [s.swapped_bytes for s in st.layers]}
+
+
+def input_layers_budget(world, seq=SEQ, hidden=64, swapped=3):
+    """A host budget that holds the three swapped layers' inputs only: auto makes them "input" layers."""
+    from memo.runtime import _aligned
+    return swapped * _aligned(seq // world * hidden * 4)
 
 
 def packed_step(world):
@@ -127,4 +138,11 @@ def main(rank, world):
         "llama-swap-model-loss": sp_step("llama", world, swap=True, loss_chunk_size=None),
         "llama-ulysses-swap": sp_step("llama", world, swap=True, backend="ulysses" if world == 2 else "hybrid"),
         "packed": packed_step(world),
+        # NOTE [ Token tiling ]: 16-token tiles of 128 / world local tokens
+        "llama-tiled-swap": sp_step("llama", world, swap=True, tile_tokens=16),
+        "llama-tiled-ulysses-swap": sp_step("llama", world, swap=True, tile_tokens=16,
+                                            backend="ulysses" if world == 2 else "hybrid"),
+        # NOTE [ Layer policies ]: every swapped layer recomputes its attention (the ring runs again)
+        "llama-input-layers": sp_step("llama", world, swap=True, swap_ratio="auto", tile_tokens=None,
+                                      host_memory_budget=input_layers_budget(world)),
     }
