@@ -28,6 +28,10 @@ NOTE [ What memtrack counts ]
   6. Only ops run on the thread that entered the context are seen (dispatch modes are
      thread-local); CPU autograd runs backward on the calling thread.
   7. Cost: one Python call per aten op. Keep timed code outside the context.
+  8. ``peak_bytes`` is the largest total of tracked storages alive after any op returned (an op's
+     outputs are then allocated and its inputs not yet freed, so this is where peaks are).
+     Temporaries a kernel makes and frees inside itself are not seen. ``reset_peak()`` starts
+     over from the storages alive now.
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ class StorageTracker:
         self._mode: Optional[_Mode] = None
         self.created_bytes = 0   # bytes of every storage created inside, alive or not
         self.num_created = 0
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}   # NOTE rule 8: pruned as storages die
+        self._live_bytes = 0
+        self.peak_bytes = 0
 
     # -- life cycle ----------------------------------------------------------------------------
     def __enter__(self) -> "StorageTracker":
@@ -131,10 +138,24 @@ class StorageTracker:
             if key in input_storages:
                 continue
             nbytes = storage.nbytes()
-            self._records[key] = (StorageWeakRef(storage),
-                                  StorageRecord(nbytes, tuple(t.shape), t.dtype, t.device, self._tag))
+            ref = StorageWeakRef(storage)
+            self._records[key] = (ref, StorageRecord(nbytes, tuple(t.shape), t.dtype, t.device, self._tag))
+            self._live[key] = (ref, nbytes)
+            self._live_bytes += nbytes
             self.created_bytes += nbytes
             self.num_created += 1
+        self._update_peak()
+
+    def _update_peak(self) -> None:
+        dead = [key for key, (ref, _) in self._live.items() if ref.expired()]
+        for key in dead:
+            self._live_bytes -= self._live.pop(key)[1]
+        self.peak_bytes = max(self.peak_bytes, self._live_bytes)
+
+    def reset_peak(self) -> None:
+        """Start the peak over from the tracked storages alive now (NOTE [ What memtrack counts ] rule 8)."""
+        self.peak_bytes = 0
+        self._update_peak()
 
     # -- queries -------------------------------------------------------------------------------
     def alive(self, device: Union[str, torch.device, None] = None, *, tags: Optional[Iterable[str]] = None,

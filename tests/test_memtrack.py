@@ -107,3 +107,17 @@ def test_llama_activations_alive_until_backward_and_checkpointing_shrinks_them()
     # Checkpointing keeps each layer's input and the head/loss tensors only.
     assert fwd_ckpt < fwd / 3
     assert bwd_ckpt <= 8 and end_ckpt == 0
+
+
+def test_peak_bytes_sees_the_largest_live_total():
+    """NOTE [ What memtrack counts ] rule 8: three 4 KiB tensors alive at once, then one."""
+    with track_storages() as tracker:
+        a = torch.ones(1024)
+        b = a * 2
+        c = a + b
+        del a, b, c
+        d = torch.zeros(1024)
+    assert tracker.peak_bytes == 3 * 4096
+    tracker.reset_peak()
+    assert tracker.peak_bytes == 4096
+    del d
