@@ -104,6 +104,9 @@ class LayerState:
         self.policy = policy
         # NOTE [ Layer policies ] rule 4: the recompute of an "input" layer draws the forward's random numbers.
         self.rng = rng_states(call.hidden_states.device) if policy == "input" and trace.random_ops else None
+        self.tiled = runtime.tiled.get(index)      # NOTE [ Token tiling ] rule 7
+        self.mlp_saved_index: Optional[int] = None
+        self.mlp_output_unused = False
         # NOTE [ Which tokens are recomputed ] rule 4: random layers recompute nothing.
         self.alpha = 1.0 if trace.random_ops else alpha
         # Recomputation runs inside backward, where autocast is off: re-enter the forward's.
@@ -140,6 +143,8 @@ class LayerState:
         assert index < len(saved) and tuple(t.shape) == saved[index].shape, (
             f"memo.executor: layer {self.index} saved tensor {index} has shape {tuple(t.shape)}, the trace said "
             f"{saved[index].shape if index < len(saved) else 'nothing'} (bug in memo)")
+        if self.tiled is not None and self.tiled.saving:
+            self.mlp_saved_index = index
         cls = self.classify(t)
         if cls in (SavedClass.PARAM, SavedClass.SHARED):
             return t.detach()   # See NOTE [ Pack returns a detached tensor ] in memo/trace.py
@@ -153,6 +158,9 @@ class LayerState:
         assert self.n_packed == len(self.trace.saved), (
             f"memo.executor: layer {self.index} saved {self.n_packed} tensors, the trace said "
             f"{len(self.trace.saved)} (bug in memo)")
+        if self.mlp_saved_index is not None:   # NOTE [ Token tiling ] rule 7
+            self.mlp_output_unused = all(info.cls in (SavedClass.PARAM, SavedClass.SHARED)
+                                         for info in self.trace.saved[self.mlp_saved_index + 1:])
         if self.input_key not in self.groups:
             self.groups[self.input_key] = [(-1, self.call.hidden_states)]
         else:   # the layer input's own geometry first: recomputation slices it
@@ -290,6 +298,8 @@ class LayerState:
             stack.enter_context(autocast_like(self.autocast))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t))
             stack.enter_context(kernel_mode)
+            if self.tiled is not None:
+                stack.enter_context(self.tiled.skipping_output(self.mlp_output_unused))
             self.layer_forward(hidden, *self.call.args, **kwargs)
         if len(captured) != len(self.trace.saved):
             raise AssertionError(f"memo.executor: recomputing layer {self.index} saved {len(captured)} tensors, "

@@ -30,6 +30,12 @@ and their gradients as many again in backward. Tiling makes them one tile's wort
 #    hidden-state tensor of the whole sequence and at most 256 MiB, and at least 4096 tokens; a
 #    sequence no longer than the tile runs untiled (no extra compute at lengths where the MLP's
 #    intermediates are not what limits memory).
+# 7. memo's recomputes (the token-wise one and an "input" layer's, NOTE [ Layer policies ] in
+#    memo/executor.py) rerun a layer only for the tensors it saves. When nothing the layer saves
+#    after its tiled MLP's input depends on the MLP's output (only parameters and shared
+#    arguments are saved after it, as in Llama, where the output goes to a residual add), the
+#    recompute saves the input and returns zeros of the output's shape instead of computing it:
+#    the MLP's forward then runs twice per step (forward, tiled backward), as untiled at ratio 0.
 """
 
 from __future__ import annotations
@@ -152,12 +158,14 @@ class _TiledMLP(torch.autograd.Function):
     """Thin autograd plumbing around ``mlp_tiles_forward`` / ``mlp_tiles_backward``."""
 
     @staticmethod
-    def forward(ctx, run, tile, x, *params):
+    def forward(ctx, run, tile, out_tail, x, *params):
         ctx.run, ctx.tile, ctx.n_params = run, tile, len(params)
         ctx.params = params   # references to leaves, not saved tensors (NOTE [ Token tiling ] rule 5)
         ctx.autocast = autocast_state(x.device.type)
         ctx.rng = rng_states(x.device)
         ctx.save_for_backward(x)
+        if out_tail is not None:   # rule 7: a recompute that needs only the saved input
+            return x.new_zeros(tuple(x.shape[:2]) + tuple(out_tail))
         with torch.no_grad():
             return mlp_tiles_forward(run, x, tile)
 
@@ -168,12 +176,16 @@ class _TiledMLP(torch.autograd.Function):
             restore_rng_states(stack, ctx.rng, x.device)
             stack.enter_context(autocast_like(ctx.autocast))
             grad_x, grad_params = mlp_tiles_backward(ctx.run, x, grad_out.contiguous(), list(ctx.params), ctx.tile)
-        return (None, None, grad_x, *grad_params)
+        return (None, None, None, grad_x, *grad_params)
 
 
-def tiled_mlp(run: Callable, x: torch.Tensor, params: list, tile: int) -> torch.Tensor:
-    """``run(x)`` (a per-token MLP) with its intermediates one tile of ``tile`` tokens at a time."""
-    return _TiledMLP.apply(run, tile, x, *params)
+def tiled_mlp(run: Callable, x: torch.Tensor, params: list, tile: int, out_tail: Optional[tuple] = None):
+    """``run(x)`` (a per-token MLP) with its intermediates one tile of ``tile`` tokens at a time.
+
+    ``out_tail``: the output's trailing shape, to return zeros of that shape instead of computing them
+    (NOTE [ Token tiling ] rule 7); None computes the output.
+    """
+    return _TiledMLP.apply(run, tile, out_tail, x, *params)
 
 
 # --- installing on decoder layers ------------------------------------------------------------
@@ -195,6 +207,18 @@ class TiledLayer:
         self.intermediate = intermediate
         self.original = mlp.forward
         self.tile: Optional[int] = None   # tokens per tile in the last call; None: untiled
+        self.out_tail: Optional[tuple] = None   # trailing output shape of the last computed call
+        self.skip_output = False          # rule 7, set by memo's recompute (``skipping_output``)
+        self.saving = False               # inside the Function's apply: its saved tensor is the MLP input
+
+    @contextlib.contextmanager
+    def skipping_output(self, skip: bool):
+        """Inside: the tiled MLP saves its input but returns zeros (NOTE [ Token tiling ] rule 7)."""
+        self.skip_output = skip
+        try:
+            yield
+        finally:
+            self.skip_output = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() != 3:
@@ -206,7 +230,15 @@ class TiledLayer:
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.mlp.parameters()))
         if self.tile is None or not grad:
             return self.original(x)
-        return tiled_mlp(self.original, x, list(self.mlp.parameters()), self.tile)
+        tail = self.out_tail if self.skip_output else None
+        self.saving = True
+        try:
+            out = tiled_mlp(self.original, x, list(self.mlp.parameters()), self.tile, tail)
+        finally:
+            self.saving = False
+        if tail is None:
+            self.out_tail = tuple(out.shape[2:])
+        return out
 
 
 def install(layers: list[torch.nn.Module], setting, intermediate: int) -> dict[int, TiledLayer]:

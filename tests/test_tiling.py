@@ -186,3 +186,25 @@ def test_auto_rule():
 def test_bad_tile_setting_is_refused(bad):
     with pytest.raises(memo.MemoError, match="tile_tokens=.*None.*'auto'.*positive int"):
         memo.MemoConfig(tile_tokens=bad)
+
+
+@pytest.mark.parametrize("family,per_step", [("Llama", 2), ("Olmo2", 3)])
+def test_recompute_skips_the_mlp_output_nothing_saves(family, per_step):
+    """NOTE [ Token tiling ] rule 7: at ratio 0 Llama's MLP runs over the sequence twice per step (forward,
+    tiled backward), as untiled; Olmo2 normalises the MLP's output (a saved tensor), so its recompute
+    computes it: three times."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    model = _family(family)
+    wrapped = _wrapped(model, swap_ratio=0.0, tile_tokens=16, keep_last_layers=0)
+    tokens = []
+    for layer in wrapped.model.layers:
+        layer.mlp.down_proj.register_forward_hook(
+            lambda mod, args, out: tokens.append(out.shape[1]) if not isinstance(out, FakeTensor) else None)
+    micro = [batch(2, 40)]
+    run_step(wrapped, micro)
+    assert sum(tokens) == per_step * 40 * 3, tokens
+    _, ref64 = run_step(twin(model, torch.float64), micro)
+    _, plain = run_step(twin(model), micro)
+    _, got = run_step(wrapped, micro)
+    for n in ref64:
+        assert (got[n].double() - ref64[n]).abs().max() <= 2 * (plain[n].double() - ref64[n]).abs().max(), n
