@@ -106,6 +106,17 @@ def check_value(name: str, value: Any, where: str, *, text: bool = False) -> Any
             hint = "; or none to keep the model's own loss" if kind == "chunk" else ""
             raise _bad(where, shown, f"must be an integer >= {low}{hint}")
         return value
+    if kind == "tile":   # NOTE [ Token tiling ] in memo/tiling.py
+        if isinstance(value, str) and value.strip().lower() in _NONE + ("auto",):
+            return value.strip().lower()
+        if text:
+            try:
+                value = int(value)
+            except ValueError:
+                raise _bad(where, shown, "is not a tile; write auto, none or a number of tokens such as 8192") from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _bad(where, shown, "must be auto, none or a positive number of tokens")
+        return value
     if kind == "seconds":
         if text:
             try:
@@ -199,6 +210,9 @@ class MemoPlugin:
     sp_timeout_s: Optional[float] = field(default=None, metadata=_help(
         "Seconds any sequence-parallel collective may wait before failing the job (default 300). "
         "Env: MEMO_SP_TIMEOUT_S.", "seconds"))
+    tile_tokens: Union[int, str, None] = field(default=None, metadata=_help(
+        "Tokens per tile of each layer's MLP: auto (default: tiles sequences over 4096 tokens), none, or a count. "
+        "Env: MEMO_TILE_TOKENS.", "tile"))
     enabled: Optional[bool] = field(default=None, metadata=_help(
         "false turns memo off while keeping the call sites (default true). Env: MEMO_ENABLED.", "bool"))
 
@@ -222,8 +236,9 @@ class MemoPlugin:
         """A ``memo.MemoConfig`` with the set fields; the others keep MemoConfig's defaults."""
         from memo.config import MemoConfig
         kwargs = self.settings()
-        if kwargs.get("loss_chunk_size") == "none":
-            kwargs["loss_chunk_size"] = None
+        for name in ("loss_chunk_size", "tile_tokens"):
+            if kwargs.get(name) == "none":
+                kwargs[name] = None
         kwargs.update(overrides)
         return MemoConfig(**kwargs)
 

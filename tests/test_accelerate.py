@@ -101,6 +101,8 @@ def test_a_bad_environment_value_is_refused_naming_the_variable_and_the_value(cl
     ({"sp_backend": "Ring"}, "MemoPlugin.sp_backend='Ring' is not one of ring, ulysses, hybrid"),
     ({"host_memory_budget": -5}, "MemoPlugin.host_memory_budget=-5 is not a size"),
     ({"enabled": "yes"}, "MemoPlugin.enabled='yes' must be true or false"),
+    ({"tile_tokens": 0}, "MemoPlugin.tile_tokens=0 must be auto, none or a positive number of tokens"),
+    ({"tile_tokens": "big"}, "MemoPlugin.tile_tokens='big' must be auto, none or a positive number of tokens"),
 ])
 def test_a_bad_field_value_is_refused_with_the_value(clean_env, kwargs, words):
     with pytest.raises(MemoError) as e:
@@ -118,7 +120,8 @@ def test_plugin_fields_mirror_memoconfig_and_carry_help_in_accelerate_style():
 
 def test_settings_of_a_config_section_round_trip_through_the_environment(clean_env):
     section = {"swap_ratio": 0.5, "sequence_parallel_size": 2, "sp_backend": "ring", "host_memory_budget": "2GiB",
-               "loss_chunk_size": "none", "enabled": False, "sp_timeout_s": 30, "keep_last_layers": None}
+               "loss_chunk_size": "none", "enabled": False, "sp_timeout_s": 30, "keep_last_layers": None,
+               "tile_tokens": 8192}
     settings = check_settings(section)
     assert "keep_last_layers" not in settings   # null: left to the default
     for k, v in settings_env(settings).items():
