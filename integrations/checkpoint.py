@@ -9,27 +9,51 @@ A run resumed this way continues with bit-identical losses in fp32 on CPU (same 
 thread count): the weights, the optimizer's and scheduler's states, every RNG a training loop
 draws from and the caller's data position come back exactly. Works on a memo-wrapped model (memo
 adds no parameters or buffers, so the weights have the plain model's keys), under DDP and under
-memo's sequence parallelism; call both functions on every rank.
+memo's sequence parallelism; call both functions on every rank. Saving again to the same ``path``
+is safe at any moment: a save killed half-way, or stopped by a full disk, leaves the previous
+checkpoint loadable (NOTE [ Atomic checkpoint commit ]); a load checks every file before it
+changes anything (NOTE [ Checked loads ] in checkpoint_checks.py).
 
 # NOTE [ Checkpoint layout ]
 #
-# 1. ``model.safetensors`` (and ``config.json`` for an HF model): the weights, written by rank 0
-#    with safetensors' ``save_model`` (tied weights stored once) under the plain model's keys.
-# 2. ``state.json`` + ``state.safetensors``, written by rank 0: step, world size, the optimizer's
-#    and the scheduler's ``state_dict``. Under data and sequence parallelism (DDP, memo.parallel)
-#    every rank holds the same weights and, after the gradient all-reduce, the same optimizer and
-#    scheduler state, so one copy serves all. ZeRO / FSDP shard them instead: refused.
-# 3. ``rank{r}.json`` + ``rank{r}.safetensors``, written by every rank: its RNG states (torch CPU,
+# 1. ``path`` is a checkpoint root. ``latest.json`` names its current checkpoint, a directory
+#    ``step-000000123`` (the step, 9 digits or more; ``-1``, ``-2`` ... when a step is saved again)
+#    beside the previous ones (the last ``keep``, oldest first, listed in ``latest.json``).
+#    ``load_checkpoint(path)`` reads the directory ``latest.json`` names and nothing else.
+# 2. In a step directory: ``model.safetensors`` (and ``config.json`` for an HF model), the weights,
+#    written by rank 0 with safetensors' ``save_model`` (tied weights stored once) under the plain
+#    model's keys.
+# 3. ``state.json`` + ``state.safetensors``, written by rank 0: step, world size, the optimizer's
+#    and the scheduler's class and ``state_dict``. Under data and sequence parallelism (DDP,
+#    memo.parallel) every rank holds the same weights and, after the gradient all-reduce, the same
+#    optimizer and scheduler state, so one copy serves all. ZeRO / FSDP shard them instead: refused.
+# 4. ``rank{r}.json`` + ``rank{r}.safetensors``, written by every rank: its RNG states (torch CPU,
 #    CUDA when available, python ``random``, numpy) and its ``data_state``. These differ per rank:
 #    each process draws its own dropout masks, noise and samples (under sequence parallelism each
 #    rank draws for its own tokens), and each data-parallel replica has its own data position.
-# 4. Nothing is pickled. JSON holds the structure, with tuples, dicts with non-string keys and
+# 5. Nothing is pickled. JSON holds the structure, with tuples, dicts with non-string keys and
 #    tensors marked (``__memo_tuple__``, ``__memo_items__``, ``__memo_tensor__``: a name in the
 #    safetensors file beside it); Python floats are written with repr, so they round-trip exactly.
-# 5. Order: rank 0 removes an old ``state.json``; barrier; every rank writes its rank files; rank
-#    0 writes the weights, ``state.safetensors`` and last ``state.json``; barrier. Every file goes
-#    through a temporary name and ``os.replace``. Without ``state.json`` a directory is an
-#    incomplete checkpoint and ``load_checkpoint`` refuses it.
+# 6. A directory that holds ``state.json`` itself (one step directory, or a checkpoint written by
+#    memo before ``latest.json`` existed) loads as it is. A save into such an old directory leaves
+#    its files where they are; ``latest.json`` then takes precedence.
+
+# NOTE [ Atomic checkpoint commit ]
+#
+# 1. Rank 0 removes what an interrupted save left (``.tmp-save``, ``latest.json.tmp``, step
+#    directories ``latest.json`` does not list) and creates ``.tmp-save`` empty.
+# 2. Every rank writes its files into ``.tmp-save``; rank 0 also the weights and the state. Each
+#    file is flushed and fsynced before the next step.
+# 3. The ranks agree that every one of them succeeded (an all-reduce of a flag at the end of each
+#    phase, so a rank that failed, say on a full disk, fails all of them with a MemoError instead of
+#    leaving them in a barrier). On failure rank 0 removes ``.tmp-save``; ``latest.json`` is untouched.
+# 4. Rank 0 fsyncs ``.tmp-save``, renames it to ``step-N`` (atomic), fsyncs the root, writes
+#    ``latest.json.tmp``, fsyncs it and ``os.replace``s it over ``latest.json`` (atomic), and fsyncs
+#    the root. That replace is the commit: before it a load reads the previous checkpoint, after it
+#    the new one, and each of them is complete on disk.
+# 5. Only then does rank 0 remove the step directories beyond the last ``keep``.
+# 6. Killed at any moment, the root holds a ``latest.json`` naming a complete directory (or none, if
+#    no save ever committed). Leftovers are never read (rule 1 of the layout) and go at the next save.
 """
 
 from __future__ import annotations
@@ -37,6 +61,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import warnings
 from typing import Any
 
@@ -47,13 +73,17 @@ from memo.errors import MemoError
 _WHO = "memo.checkpoint"
 FORMAT = "memo-checkpoint"
 VERSION = 1
+ROOT_FORMAT = "memo-checkpoint-root"
+LATEST = "latest.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
 STATE_TENSORS = "state.safetensors"
+TMP = ".tmp-save"
+_STEP_DIR = re.compile(r"^step-\d{9,}(-\d+)?$")
 _TENSOR, _TUPLE, _ITEMS = "__memo_tensor__", "__memo_tuple__", "__memo_items__"
 
 
-# --- structure <-> JSON + tensors (rule 4) -------------------------------------------------------
+# --- structure <-> JSON + tensors (layout rule 5) ------------------------------------------------
 class _Encoder:
     """Turns a state (dicts, lists, tuples, numbers, strings, tensors) into JSON and named tensors."""
 
@@ -96,44 +126,98 @@ class _Encoder:
                         f"use tensors, numbers, strings, lists, tuples and dicts")
 
 
-def _decode(obj: Any, tensors: dict) -> Any:
+def _decode(obj: Any, tensors: dict, file: str, where: str) -> Any:
+    """The inverse of ``_Encoder``; a malformed marker or a tensor the file lacks is a MemoError."""
+    def sub(key: Any) -> str:
+        return f"{where}/{key}" if where else str(key)
+
+    def bad(what: str) -> MemoError:
+        return MemoError(f"{_WHO}: {file}: field {where or '(top)'} {what}; the file is corrupt or was edited, "
+                         f"resume from another checkpoint")
     if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if _TENSOR in obj:
-            return tensors[obj[_TENSOR]]
-        if _TUPLE in obj:
-            return tuple(_decode(v, tensors) for v in obj[_TUPLE])
-        if _ITEMS in obj:
-            return {k: _decode(v, tensors) for k, v in obj[_ITEMS]}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    return obj
+        return [_decode(v, tensors, file, sub(i)) for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        return obj
+    if _TENSOR in obj:
+        name = obj[_TENSOR]
+        if len(obj) != 1 or not isinstance(name, str) or name not in tensors:
+            raise bad(f"refers to tensor {name!r}, which the .safetensors file beside it does not hold")
+        return tensors[name]
+    if _TUPLE in obj:
+        if len(obj) != 1 or not isinstance(obj[_TUPLE], list):
+            raise bad(f"has a malformed {_TUPLE} marker")
+        return tuple(_decode(v, tensors, file, sub(i)) for i, v in enumerate(obj[_TUPLE]))
+    if _ITEMS in obj:
+        items = obj[_ITEMS]
+        if len(obj) != 1 or not isinstance(items, list) or not all(
+                isinstance(p, list) and len(p) == 2 and (p[0] is None or isinstance(p[0], (bool, int, float, str)))
+                for p in items):
+            raise bad(f"has a malformed {_ITEMS} marker")
+        return {k: _decode(v, tensors, file, sub(k)) for k, v in items}
+    return {k: _decode(v, tensors, file, sub(k)) for k, v in obj.items()}
+
+
+# --- files ---------------------------------------------------------------------------------------
+def _fsync(path: str) -> None:
+    """Flush a file or a directory to disk (a directory: its entries, i.e. creations and renames)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, structure: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(structure, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write(path: str, structure: dict, tensors: dict) -> None:
-    """``path`` (.json) and its tensors (.safetensors beside it), each through a temporary name."""
+    """``path`` (.json) and its tensors (.safetensors beside it), both fsynced."""
     from safetensors.torch import save_file
     tensor_path = path[:-len(".json")] + ".safetensors"
-    save_file(tensors, tensor_path + ".tmp", metadata={"format": "pt"})
-    os.replace(tensor_path + ".tmp", tensor_path)
-    with open(path + ".tmp", "w") as f:
-        json.dump(structure, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_file(tensors, tensor_path, metadata={"format": "pt"})
+    _fsync(tensor_path)
+    _write_json(path, structure)
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise MemoError(f"{_WHO}: cannot read {path} ({e.strerror}); the checkpoint is incomplete or was written by "
+                        f"another number of processes") from e
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MemoError(f"{_WHO}: {path} is not valid JSON ({e}); the file is corrupt, resume from another "
+                        f"checkpoint") from e
+
+
+def read_tensors(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except FileNotFoundError as e:
+        raise MemoError(f"{_WHO}: {path} is missing; the checkpoint is incomplete or was written by another number "
+                        f"of processes") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MemoError(f"{_WHO}: {path} is not a readable safetensors file ({e}); the file is corrupt or "
+                        f"truncated, resume from another checkpoint") from e
 
 
 def _read(path: str) -> Any:
-    from safetensors.torch import load_file
-    tensor_path = path[:-len(".json")] + ".safetensors"
-    for p in (path, tensor_path):
-        if not os.path.isfile(p):
-            raise MemoError(f"{_WHO}: {p} is missing; the checkpoint is incomplete or was written by another "
-                            f"number of processes")
-    with open(path) as f:
-        structure = json.load(f)
-    return _decode(structure, load_file(tensor_path))
+    """A .json and the .safetensors beside it, decoded (the tensors read whole, sizes checked)."""
+    structure = read_json(path)
+    tensors = read_tensors(path[:-len(".json")] + ".safetensors")
+    return _decode(structure, tensors, path, "")
 
 
-# --- RNG (rule 3) --------------------------------------------------------------------------------
+# --- RNG (layout rule 4) -------------------------------------------------------------------------
 def rng_state() -> dict:
     """This process's RNG states: torch CPU, CUDA (all visible devices), python ``random``, numpy."""
     import numpy as np
@@ -164,7 +248,7 @@ def set_rng_state(state: dict) -> None:
                       stacklevel=3)
 
 
-# --- helpers -------------------------------------------------------------------------------------
+# --- ranks ---------------------------------------------------------------------------------------
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -172,14 +256,34 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def _all_ok(ok: bool) -> bool:
+    """Whether every rank passed ``ok`` (NOTE [ Atomic checkpoint commit ] rule 3); a barrier too."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _agree(error: BaseException | None, what: str, unchanged: str = "the previous checkpoint is unchanged",
+           on_failure=None) -> None:
+    """Raise on every rank if any rank failed ``what``: this rank's own error, or one naming the others."""
+    if _all_ok(error is None):
+        return
+    if on_failure is not None:
+        on_failure()
+    if error is None:
+        raise MemoError(f"{_WHO}: another rank failed while {what} (see its error); {unchanged}")
+    if isinstance(error, MemoError):
+        raise error
+    raise MemoError(f"{_WHO}: {what} failed on rank {_rank_world()[0]}: {error}. {unchanged[0].upper()}"
+                    f"{unchanged[1:]}; free disk space (or raise the file-size limit) and save again") from error
 
 
 def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose weights are saved: DDP's inner module; sharded wrappers refused (rule 2)."""
+    """The module whose weights are saved: DDP's inner module; sharded wrappers refused (layout rule 3)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
     if not isinstance(model, torch.nn.Module):
         raise MemoError(f"{_WHO}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -193,85 +297,165 @@ def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _rank_file(path: str, rank: int) -> str:
-    return os.path.join(path, f"rank{rank}.json")
+def class_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _rank_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rank{rank}.json")
+
+
+# --- the root: latest.json and its step directories ----------------------------------------------
+def _read_latest(root: str) -> dict | None:
+    """``latest.json`` checked (layout rule 1), or None when the root has none."""
+    path = os.path.join(root, LATEST)
+    if not os.path.exists(path):
+        return None
+    latest = read_json(path)
+    names = latest.get("checkpoints") if isinstance(latest, dict) else None
+    if (not isinstance(latest, dict) or latest.get("format") != ROOT_FORMAT or latest.get("version") != 1
+            or not isinstance(names, list) or not names
+            or not all(isinstance(n, str) and _STEP_DIR.match(n) for n in names)):
+        raise MemoError(f"{_WHO}: {path} is not a {ROOT_FORMAT} version 1 file (field 'checkpoints' must list step "
+                        f"directories such as 'step-000000012', the current one last); the file was edited or is "
+                        f"not memo's")
+    return latest
+
+
+def latest_checkpoint(path: str) -> str:
+    """The directory ``load_checkpoint(path)`` reads: the one ``latest.json`` names, or ``path`` itself."""
+    latest = _read_latest(path)
+    if latest is not None:
+        directory = os.path.join(path, latest["checkpoints"][-1])
+        if not os.path.isfile(os.path.join(directory, STATE)):
+            raise MemoError(f"{_WHO}: {os.path.join(path, LATEST)} names {latest['checkpoints'][-1]}, but "
+                            f"{os.path.join(directory, STATE)} does not exist; the directory was removed by hand")
+        return directory
+    if os.path.isfile(os.path.join(path, STATE)):   # layout rule 6
+        return path
+    raise MemoError(f"{_WHO}: neither {os.path.join(path, LATEST)} nor {os.path.join(path, STATE)} exists: {path!r} "
+                    f"is not a checkpoint, or no save into it finished; resume from an earlier checkpoint")
+
+
+def _clean_root(root: str, listed: list[str]) -> None:
+    """NOTE [ Atomic checkpoint commit ] rule 1: remove what an interrupted save left."""
+    for name in os.listdir(root):
+        full = os.path.join(root, name)
+        if name == TMP or (_STEP_DIR.match(name) and name not in listed):
+            shutil.rmtree(full)
+        elif name == LATEST + ".tmp":
+            os.remove(full)
+
+
+def _commit(root: str, step: int, keep: int, listed: list[str]) -> str:
+    """NOTE [ Atomic checkpoint commit ] rules 4 and 5 (rank 0): ``.tmp-save`` becomes current."""
+    tmp = os.path.join(root, TMP)
+    _fsync(tmp)
+    name, n = f"step-{step:09d}", 0
+    while name in listed or os.path.exists(os.path.join(root, name)):
+        n += 1
+        name = f"step-{step:09d}-{n}"
+    os.rename(tmp, os.path.join(root, name))
+    _fsync(root)
+    kept = (listed + [name])[-keep:]
+    _write_json(os.path.join(root, LATEST + ".tmp"),
+                {"format": ROOT_FORMAT, "version": 1, "current": name, "checkpoints": kept})
+    os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+    _fsync(root)   # the commit
+    for old in listed:
+        if old not in kept:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return name
 
 
 # --- API -----------------------------------------------------------------------------------------
 def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=None, step: int,
-                    data_state: Any = None) -> None:
-    """Write a resumable checkpoint of this training state to directory ``path``. Call on every rank.
+                    data_state: Any = None, keep: int = 2) -> str:
+    """Write a resumable checkpoint of this training state under root directory ``path``. Call on every rank.
 
     ``data_state``: where this rank's data stream stands (a cursor, an epoch and index, a sampler's
-    generator state): numbers, strings, tensors, lists, tuples and dicts. See NOTE [ Checkpoint layout ].
+    generator state): numbers, strings, tensors, lists, tuples and dicts. ``keep``: how many
+    checkpoints ``path`` keeps (the newest; older ones are removed after the new one is committed).
+    Returns the new checkpoint's directory. See NOTE [ Checkpoint layout ] and NOTE [ Atomic
+    checkpoint commit ].
     """
     from safetensors.torch import save_model
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise MemoError(f"{_WHO}: step={step!r} must be an int (the number of optimizer steps taken)")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise MemoError(f"{_WHO}: step={step!r} must be an int >= 0 (the number of optimizer steps taken)")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise MemoError(f"{_WHO}: keep={keep!r} must be an int >= 1 (how many checkpoints to keep)")
     module = _plain_module(model)
     rank, world = _rank_world()
-    os.makedirs(path, exist_ok=True)
-    if rank == 0 and os.path.exists(os.path.join(path, STATE)):
-        os.remove(os.path.join(path, STATE))   # incomplete until rewritten (rule 5)
-    _barrier()
+    tmp = os.path.join(path, TMP)
 
-    enc = _Encoder()
-    mine = {"rank": rank, "rng": enc(rng_state(), "rng"), "data_state": enc(data_state, "data_state")}
-    _write(_rank_file(path, rank), mine, enc.tensors)
-    if rank == 0:
-        save_model(module, os.path.join(path, WEIGHTS + ".tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(path, WEIGHTS + ".tmp"), os.path.join(path, WEIGHTS))
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(path)
+    error, listed = None, []
+    if rank == 0:   # rule 1
+        try:
+            os.makedirs(path, exist_ok=True)
+            latest = _read_latest(path)
+            listed = [] if latest is None else latest["checkpoints"]
+            _clean_root(path, listed)
+            os.mkdir(tmp)
+            _fsync(path)
+        except (OSError, MemoError) as e:
+            error = e
+    _agree(error, f"preparing {path}")
+
+    try:   # rule 2
         enc = _Encoder()
-        state = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
-                 "optimizer": enc(optimizer.state_dict(), "optimizer"),
-                 "scheduler": None if scheduler is None else enc(scheduler.state_dict(), "scheduler")}
-        _write(os.path.join(path, STATE), state, enc.tensors)
-    _barrier()
+        mine = {"rank": rank, "rng": enc(rng_state(), "rng"), "data_state": enc(data_state, "data_state")}
+        _write(_rank_file(tmp, rank), mine, enc.tensors)
+        if rank == 0:
+            save_model(module, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+            _fsync(os.path.join(tmp, WEIGHTS))
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "save_pretrained"):
+                config.save_pretrained(tmp)
+                _fsync(os.path.join(tmp, "config.json"))
+            enc = _Encoder()
+            state = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
+                     "optimizer_class": class_name(optimizer), "optimizer": enc(optimizer.state_dict(), "optimizer"),
+                     "scheduler_class": None if scheduler is None else class_name(scheduler),
+                     "scheduler": None if scheduler is None else enc(scheduler.state_dict(), "scheduler")}
+            _write(os.path.join(tmp, STATE), state, enc.tensors)
+        error = None
+    except Exception as e:   # any failure must reach the agreement below, or the other ranks would wait
+        error = e
+    def remove_tmp() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _agree(error, f"writing the checkpoint of step {step} into {tmp}", on_failure=remove_tmp)
+
+    name = None
+    if rank == 0:   # rules 4 and 5
+        try:
+            name = _commit(path, step, keep, listed)
+        except OSError as e:
+            error = e
+    _agree(error, f"committing the checkpoint of step {step} in {path}")
+    return latest_checkpoint(path) if name is None else os.path.join(path, name)
 
 
 def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=None) -> dict:
-    """Restore a checkpoint written by ``save_checkpoint`` into these objects. Call on every rank.
+    """Restore the current checkpoint under ``path`` into these objects. Call on every rank.
 
     Loads the weights into ``model`` (wrapped by memo or not, the same keys), the optimizer's and
-    scheduler's states, and this rank's RNG states. Returns ``{"step": int, "data_state": ...}``
-    (this rank's data position, as given to ``save_checkpoint``).
+    scheduler's states, and this rank's RNG states. Every file is read and checked first (NOTE
+    [ Checked loads ]): on any problem a MemoError names the file and the field, and nothing has
+    changed. Returns ``{"step": int, "data_state": ...}`` (this rank's data position, as given to
+    ``save_checkpoint``).
     """
-    from safetensors.torch import load_model
-    state_path = os.path.join(path, STATE)
-    if not os.path.isfile(state_path):
-        raise MemoError(f"{_WHO}: {state_path} does not exist: {path!r} is not a checkpoint, or its save did not "
-                        f"finish; resume from an earlier checkpoint")
-    state = _read(state_path)
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise MemoError(f"{_WHO}: {state_path} is not a {FORMAT} version {VERSION} (format {state.get('format')!r}, "
-                        f"version {state.get('version')!r})")
-    rank, world = _rank_world()
-    if state["world_size"] != world:
-        raise MemoError(f"{_WHO}: the checkpoint was written by {state['world_size']} processes and is loaded by "
-                        f"{world}; every rank's RNG and data position are saved separately, so resume with "
-                        f"{state['world_size']} processes")
+    from memo.integrations import checkpoint_checks as checks
+    directory = latest_checkpoint(path)
     module = _plain_module(model)
+    rank, world = _rank_world()
+    error, loaded = None, None
     try:
-        load_model(module, os.path.join(path, WEIGHTS), strict=True)
-    except (RuntimeError, FileNotFoundError, OSError) as e:
-        raise MemoError(f"{_WHO}: the weights in {path} do not fit this model: {e}. Build the model with the "
-                        f"configuration it was trained with") from e
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise MemoError(f"{_WHO}: the optimizer state in {path} does not fit this optimizer: {e}. Build the "
-                        f"optimizer over the same parameters and param groups as in the saved run") from e
-    if scheduler is not None:
-        if state["scheduler"] is None:
-            raise MemoError(f"{_WHO}: {path} was saved without a scheduler, and one was passed to load; pass "
-                            f"scheduler=None or save with the scheduler")
-        scheduler.load_state_dict(state["scheduler"])
-    elif state["scheduler"] is not None:
-        warnings.warn(f"{_WHO}: {path} has a scheduler state but no scheduler was passed; it is not restored",
-                      stacklevel=2)
-    mine = _read(_rank_file(path, rank))
-    set_rng_state(mine["rng"])   # last: nothing after it may draw random numbers
-    return {"step": state["step"], "data_state": mine["data_state"]}
+        loaded = checks.read_and_check(directory, module, optimizer, scheduler, rank, world)
+    except MemoError as e:
+        error = e
+    _agree(error, f"checking {directory}", "nothing was loaded")   # every rank checked its files before any rank changes anything
+    checks.apply(loaded, module, optimizer, scheduler)
+    set_rng_state(loaded.rng)   # last: nothing after it may draw random numbers
+    return {"step": loaded.step, "data_state": loaded.data_state}

@@ -10,6 +10,8 @@
    ranks' numpy streams differ and each rank must get its own back.
 4. Bad input: an incomplete directory, another model, another optimizer, another world size, a
    state that needs pickle.
+
+Atomic saves: tests/test_checkpoint_atomic.py; checked loads: tests/test_checkpoint_checks.py.
 """
 
 import copy
@@ -25,7 +27,7 @@ from safetensors import safe_open
 
 import memo
 from distributed import launch
-from memo.integrations.checkpoint import load_checkpoint, save_checkpoint
+from memo.integrations.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from models import build
 from sp_workers import ckpt_loop
 from transformers import LlamaForCausalLM
@@ -127,9 +129,11 @@ def test_resume_is_bit_identical(resumed_run):
     for i, (a, b) in enumerate(zip(got, full)):
         assert torch.equal(a, b), f"step {i}: resumed loss {a.item()!r} != uninterrupted {b.item()!r}"
     # What was written: JSON and safetensors only (nothing to unpickle), the plain model's keys.
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "rank0.json", "rank0.safetensors",
+    assert sorted(os.listdir(path)) == ["latest.json", "step-000000002"]   # NOTE [ Checkpoint layout ] rule 1
+    step = latest_checkpoint(path)
+    assert sorted(os.listdir(step)) == ["config.json", "model.safetensors", "rank0.json", "rank0.safetensors",
                                         "state.json", "state.safetensors"]
-    assert _keys(path) == _plain_keys()
+    assert _keys(step) == _plain_keys()
 
 
 @pytest.mark.parametrize("disturb", ["torch", "python", "numpy", "data", "optimizer", "scheduler"])
@@ -152,8 +156,18 @@ def test_resume_under_sequence_parallelism(tmp_path):
         assert res["pretrained_params_equal"] and res["pretrained_loss_equal"], res
     assert per_rank[0]["pretrained_keys"] == _plain_keys()
     assert per_rank[0]["resumed"][0].item() == per_rank[1]["resumed"][0].item(), "SP ranks share one loss"
-    assert sorted(f for f in os.listdir(tmp_path / "ckpt") if f.startswith("rank")) == [
+    assert sorted(f for f in os.listdir(latest_checkpoint(tmp_path / "ckpt")) if f.startswith("rank")) == [
         "rank0.json", "rank0.safetensors", "rank1.json", "rank1.safetensors"]
+    # One rank fails (tests/sp_workers/ckpt_sp.py rule 3): both raise, nothing is lost or changed.
+    assert "writing the checkpoint of step 2" in per_rank[1]["save_error"] and "No space left" in \
+        per_rank[1]["save_error"], per_rank[1]["save_error"]
+    assert "another rank failed" in per_rank[0]["save_error"], per_rank[0]["save_error"]
+    for res in per_rank:
+        assert res["step_after_failed_save"] == 1
+        assert res["root_after_failed_save"] == ["latest.json", "step-000000001"]
+        assert res["model_unchanged"] and res["optimizer_unchanged"]
+    assert "rank1.json is not valid JSON" in per_rank[1]["load_error"], per_rank[1]["load_error"]
+    assert "another rank failed while checking" in per_rank[0]["load_error"], per_rank[0]["load_error"]
 
 
 def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
@@ -164,7 +178,7 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
     fresh = memo.wrap(build("llama", seed=1, num_hidden_layers=ckpt_loop.LAYERS, tie_word_embeddings=True),
                       ckpt_loop.config())
     load_checkpoint(str(tmp_path), model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1))
-    assert len(_keys(tmp_path)) == len(model.state_dict()) - 1
+    assert len(_keys(latest_checkpoint(tmp_path))) == len(model.state_dict()) - 1
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
@@ -172,11 +186,11 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
 # --- bad input -------------------------------------------------------------------------------------
 def test_incomplete_or_missing_checkpoint_is_refused(tmp_path, resumed_run):
     model, opt, sched = ckpt_loop.make(model_seed=0)
-    with pytest.raises(memo.MemoError, match="state.json does not exist.*not a checkpoint"):
+    with pytest.raises(memo.MemoError, match="state.json exists.*not a checkpoint"):
         load_checkpoint(str(tmp_path), model=model, optimizer=opt)
-    broken = shutil.copytree(resumed_run[0], tmp_path / "broken")
+    broken = shutil.copytree(latest_checkpoint(resumed_run[0]), tmp_path / "broken")
     os.remove(broken / "rank0.json")
-    with pytest.raises(memo.MemoError, match="rank0.json is missing"):
+    with pytest.raises(memo.MemoError, match="cannot read .*rank0.json"):
         load_checkpoint(str(broken), model=model, optimizer=opt, scheduler=sched)
 
 
@@ -188,10 +202,10 @@ def test_mismatched_model_optimizer_or_world_is_refused(tmp_path, resumed_run):
     model, _, _ = ckpt_loop.make(model_seed=0)
     params = list(model.parameters())
     two_groups = torch.optim.AdamW([{"params": params[:3]}, {"params": params[3:]}])
-    with pytest.raises(memo.MemoError, match="optimizer state .* does not fit this optimizer"):
+    with pytest.raises(memo.MemoError, match="param_groups has 1 param groups, this optimizer 2.* does not fit"):
         load_checkpoint(path, model=model, optimizer=two_groups)
 
-    moved = shutil.copytree(path, tmp_path / "moved")
+    moved = shutil.copytree(latest_checkpoint(path), tmp_path / "moved")
     state = json.loads((moved / "state.json").read_text())
     state["world_size"] = 2
     (moved / "state.json").write_text(json.dumps(state))

@@ -29,7 +29,8 @@ def test_a_run_writes_summary_plot_and_checkpoint_and_resumes_with_the_same_loss
     assert all(h["swapped_bytes"] > 0 and h["tokens_per_s"] > 0 for h in full["history"])
     assert full["memo"]["swap_ratio"] == 0.5        # from the yaml's memo: section
     assert os.path.getsize(tmp_path / "full" / "training.png") > 10_000
-    assert (tmp_path / "full" / "checkpoint" / "model.safetensors").exists()
+    from memo.integrations.checkpoint import latest_checkpoint
+    assert os.path.exists(os.path.join(latest_checkpoint(str(tmp_path / "full" / "checkpoint")), "model.safetensors"))
     assert "retrieval accuracy" in res.stdout
     # interrupted after 2 steps, then resumed from its checkpoint in new processes
     _launch(tmp_path / "cut", "--max-steps", "4", "--stop-after", "2")

@@ -5,8 +5,12 @@
 2. Resume: N steps uninterrupted against K steps, ``save_checkpoint``, fresh objects, load, N - K
    steps. numpy is seeded per rank (each rank masks labels of its own tokens), so each rank must get
    its own stream back; as a control, every rank continuing with rank 0's numpy stream differs.
+3. One rank fails: a full disk on rank 1 during a save fails the save on both ranks (nobody waits
+   in a barrier) and the committed checkpoint still loads; a corrupt ``rank1.json`` fails the load
+   on both ranks and changes neither rank's model (NOTE [ Checked loads ] rule 1).
 """
 
+import errno
 import os
 
 import numpy as np
@@ -16,7 +20,8 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
 import memo
-from memo.integrations.checkpoint import load_checkpoint, save_checkpoint
+from memo.integrations import checkpoint
+from memo.integrations.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from memo.parallel import shard_batch
 from sp_workers import ckpt_loop
 
@@ -85,7 +90,47 @@ def resume(path: str, world: int, rank: int) -> dict:
     return results
 
 
+def _error(fn) -> str | None:
+    try:
+        fn()
+    except memo.MemoError as e:
+        return str(e)
+    return None
+
+
+def one_rank_fails(path: str, world: int, rank: int) -> dict:
+    model, opt, sched = ckpt_loop.make(model_seed=0, sp=world)
+    save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, step=1)
+    original = checkpoint._write
+
+    def full_disk(file, *args):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", file)
+        return original(file, *args)
+    checkpoint._write = full_disk
+    try:
+        save_error = _error(lambda: save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, step=2))
+    finally:
+        checkpoint._write = original
+    fresh, opt2, sched2 = ckpt_loop.make(model_seed=1, sp=world)
+    step_after = load_checkpoint(path, model=fresh, optimizer=opt2, scheduler=sched2)["step"]
+    leftovers = sorted(os.listdir(path))
+
+    if rank == 0:
+        with open(os.path.join(latest_checkpoint(path), "rank1.json"), "w") as f:
+            f.write("{corrupt")
+    dist.barrier()
+    other, opt3, sched3 = ckpt_loop.make(model_seed=2, sp=world)
+    before = [p.detach().clone() for p in other.parameters()]
+    load_error = _error(lambda: load_checkpoint(path, model=other, optimizer=opt3, scheduler=sched3))
+    return {"save_error": save_error, "step_after_failed_save": step_after, "root_after_failed_save": leftovers,
+            "load_error": load_error,
+            "model_unchanged": all(torch.equal(a, b) for a, b in zip(before, other.parameters())),
+            "optimizer_unchanged": not opt3.state}
+
+
 def main(rank, world, path):
     out = pretrained_round_trip(os.path.join(path, "pretrained"), world)
     out.update(resume(os.path.join(path, "ckpt"), world, rank))
+    out.update(one_rank_fails(os.path.join(path, "fails"), world, rank))
     return out
