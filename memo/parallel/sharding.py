@@ -138,15 +138,55 @@ def _check_same_batch(sp: SequenceParallel, ref: torch.Tensor) -> None:
                         f"data-parallel replicas only, e.g. memo.integrations.accelerate.prepare)")
 
 
+def gradient_group(model: torch.nn.Module, group=None, layout: str = "zigzag"):
+    """The SequenceParallel ``all_reduce_gradients`` sums over (None: nothing to sum).
+
+    See NOTE [ Gradients under data x sequence parallelism ] in integrations/accelerate.py: under
+    data x sequence parallelism only the P ranks of one replica share a sequence, so the sum is over
+    the model's own group, never the world.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    from memo.parallel.groups import _group_ranks
+    who = "memo.parallel.all_reduce_gradients"
+    inner = model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
+    runtime = getattr(inner, "_memo_runtime", None)   # a model wrapped by memo.wrap
+    if runtime is None:
+        if group is None:
+            raise MemoError(f"{who}: the model is not wrapped by memo, so it has no sequence-parallel group; wrap it "
+                            f"with memo.wrap(model, MemoConfig(sequence_parallel_size=...)) or pass group= (the "
+                            f"ranks that share one sequence)")
+        return _sp(group, layout)
+    sp = runtime.sp
+    if sp is None:
+        if group is not None:
+            raise MemoError(f"{who}: the model was wrapped without sequence parallelism, so its gradients need no sum "
+                            f"over group={group!r}; average data-parallel gradients with DDP instead")
+        return None
+    if group is None or group is sp or group is model or group is inner:
+        return sp
+    ranks = group.ranks if isinstance(group, SequenceParallel) else _group_ranks(group)
+    if ranks != sp.ranks:
+        raise MemoError(f"{who}: group has ranks {ranks}, the model's sequence-parallel group {sp.ranks}; summing "
+                        f"over other ranks gives wrong gradients (under data x sequence parallelism the replicas' "
+                        f"gradients are averaged by the data-parallel wrapper, not summed). Leave group unset")
+    return sp
+
+
 def all_reduce_gradients(model: torch.nn.Module, group=None, layout: str = "zigzag") -> None:
-    """Sum every parameter's ``.grad`` over the sequence-parallel group.
+    """Sum every parameter's ``.grad`` over the model's sequence-parallel group, under its timeout.
 
     With memo's sequence-parallel loss each rank's backward gives the gradient of its own tokens'
     share of the full-sequence loss; their sum is the full-sequence gradient. A parameter without a
     gradient on this rank counts as zeros (it may have one on another rank).
+
+    ``model``: wrapped by ``memo.wrap`` (or DDP around one). Its sequence-parallel group and
+    ``sp_timeout_s`` are used: under data x sequence parallelism that is this rank's replica only.
+    ``group``, if given, must have the same ranks (anything else is refused); a model not wrapped by
+    memo needs it. A model wrapped without sequence parallelism has nothing to sum: a no-op.
     """
-    sp = _sp(group, layout)
-    if sp.size == 1:
+    sp = gradient_group(model, group, layout)
+    if sp is None or sp.size == 1:
         return
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in model.parameters():
