@@ -37,12 +37,12 @@ from memo.planner.units import format_bytes, parse_count  # noqa: E402
 from memo.profile import load_model, profile_model  # noqa: E402
 
 
-def run(model_name: str, lengths: list[int], time_limit: float, cold: bool) -> list[dict]:
+def run(model_name: str, lengths: list[int], time_limit: float, cold: bool, tile=None) -> list[dict]:
     model = load_model(model_name)
     rows = []
     for s in lengths:
         t0 = time.perf_counter()
-        prof = profile_model(model, seq_len=s).to_dict()
+        prof = profile_model(model, seq_len=s, tile_tokens=tile).to_dict()
         profile_s = time.perf_counter() - t0
         for part in ("forward", "backward"):
             allocs = trace_allocs(prof[part])
@@ -109,11 +109,11 @@ def step_trace(prof: dict, keep: int = 2) -> list[Alloc]:
     return align_allocs(allocs, 512)
 
 
-def run_step(model_name: str, lengths: list[int], layers: int) -> list[dict]:
+def run_step(model_name: str, lengths: list[int], layers: int, tile=None) -> list[dict]:
     model = dict(load_model(model_name), layers=layers)
     rows = []
     for s in lengths:
-        prof = profile_model(model, seq_len=s).to_dict()
+        prof = profile_model(model, seq_len=s, tile_tokens=tile).to_dict()
         allocs = step_trace(prof)
         lb = lower_bound(allocs)
         rep = caching_allocator_replay(allocs)
@@ -151,18 +151,22 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--no-cold", action="store_true", help="skip the MIP run without warm start")
     ap.add_argument("--step-layers", type=int, default=32, help="layers in the whole-step trace")
+    ap.add_argument("--tile-tokens", default="none",
+                    help="MLP tiling of the traced layer: none (default: the untiled trace, as in "
+                         "results/planner.json), auto or a token count")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args()
+    tile = None if args.tile_tokens == "none" else ("auto" if args.tile_tokens == "auto" else int(args.tile_tokens))
     lengths = [parse_count(x) for x in args.lengths.split(",")]
     cold = not args.no_cold
     print(f"memo planner benchmark: {args.model} layer, bf16, one rank, CBC time limit {args.time_limit:.0f} s, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); ratios are peak / lower bound, "
           f"1 run each")
     print(_header(cold))
-    rows = run(args.model, lengths, args.time_limit, cold)
+    rows = run(args.model, lengths, args.time_limit, cold, tile)
     print(f"whole step, {args.step_layers} layers, swap ratio 1, last 2 layers kept (greedy placement of every "
           f"request vs the same requests through the best-fit allocator):")
-    rows += run_step(args.model, lengths, args.step_layers)
+    rows += run_step(args.model, lengths, args.step_layers, tile)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -21,6 +21,12 @@ NOTE [ Profiler allocation steps ]
   5. With sequence parallelism (sp > 1), ring attention's in-flight key/value blocks (and, in
      backward, their gradients) are added as ``ring_buffer`` allocations at the attention step:
      two blocks each, double-buffered, as a ring implementation keeps them.
+  6. The layer is profiled as the runtime runs it: with ``tile_tokens`` (None, "auto" or an int,
+     as ``MemoConfig.tile_tokens``) the MLP is tiled by ``memo.tiling.install`` on the fake layer
+     (NOTE [ Token tiling ] in memo/tiling.py), so the forward and backward traces hold one tile's
+     MLP intermediates at a time and the saved set holds the MLP's input only. The bytes the
+     untiled MLP would have saved besides its input (``mlp_saved_bytes``) are recorded too: the
+     step-time model's element-wise work and the tiled backward's extra MLP forward scale with them.
 """
 
 from __future__ import annotations
@@ -299,6 +305,9 @@ class LayerProfile:
     loss_chunk: Optional[int]
     profile_s: float
     swap_ratio: Optional[float] = None
+    tile_tokens: Optional[int] = None     # the MLP's tile (tokens) in the profile; None: untiled
+    tile_setting: object = None           # what was asked: None, "auto" or an int
+    mlp_saved_bytes: int = 0              # what the untiled MLP saves besides its input (rule 6)
 
     @property
     def swapped_bytes(self) -> Optional[int]:
@@ -322,7 +331,8 @@ class LayerProfile:
                 "embedding_forward": tr(self.embedding_forward), "embedding_backward": tr(self.embedding_backward),
                 "head": tr(self.head), "loss_chunk": self.loss_chunk, "profile_s": self.profile_s,
                 "swap_ratio": self.swap_ratio, "swapped_bytes": self.swapped_bytes,
-                "recomputed_bytes": self.recomputed_bytes}
+                "recomputed_bytes": self.recomputed_bytes, "tile_tokens": self.tile_tokens,
+                "tile_setting": self.tile_setting, "mlp_saved_bytes": self.mlp_saved_bytes}
 
 
 def check_seq_len(seq_len: int, sp: int) -> int:
@@ -372,14 +382,42 @@ def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> tuple[list[dict]
     return saved, out
 
 
+def _mlp_saved_bytes(layer, x: torch.Tensor) -> int:
+    """Bytes the layer's untiled MLP saves for backward besides its input (and parameters), on an
+    input shaped like ``x``: what tiling takes out of the saved set (NOTE [ Profiler allocation steps ]
+    rule 6). 0 for a layer without a per-token MLP."""
+    from memo.tiling import mlp_of
+    mlp = mlp_of(layer)
+    if mlp is None:
+        return 0
+    h = torch.empty_like(x).requires_grad_(True)
+    skip = {_storage_key(h)} | {_storage_key(p) for p in mlp.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in skip:
+            seen[key] = t.untyped_storage().nbytes()
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(h)
+    return sum(seen.values())
+
+
 def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str = "bf16", sp: int = 1,
-                  loss_chunk: Optional[int] = 4096, swap_ratio: Optional[float] = None) -> LayerProfile:
+                  loss_chunk: Optional[int] = 4096, swap_ratio: Optional[float] = None,
+                  tile_tokens="auto") -> LayerProfile:
     """Profile one decoder layer of ``model`` (a dict from ``load_model``) at ``seq_len / sp``
     tokens per rank, plus the embedding and the LM head + loss (one chunk of ``loss_chunk``
     tokens at a time; None for the whole sequence at once). With ``swap_ratio`` the profile
     also reports the bytes one layer swaps (input, attention output and LSE in full, that share
-    of the rest) and recomputes; the planner otherwise chooses it (see planner/alpha.py)."""
+    of the rest) and recomputes; the planner otherwise chooses it (see planner/alpha.py).
+    ``tile_tokens`` (None, "auto" or an int: ``MemoConfig.tile_tokens``) tiles the MLP as the
+    runtime does (NOTE [ Profiler allocation steps ] rule 6)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memo import tiling
 
     if dtype not in DTYPES:
         raise MemoError(f"memo.plan: dtype {dtype!r} is not one of bf16, fp16, fp32; pass one of those")
@@ -389,6 +427,9 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
         raise MemoError(f"memo.plan: micro batch {micro_batch} must be >= 1")
     if swap_ratio is not None and not 0.0 <= swap_ratio <= 1.0:
         raise MemoError(f"memo.plan: swap ratio {swap_ratio} is outside [0, 1]; pass a fraction of tokens to swap")
+    tile_setting = tiling.check_tile_setting(tile_tokens)
+    tile = tiling.resolve_tile(tile_setting, batch=micro_batch, seq=local, hidden=model["hidden"],
+                               intermediate=model["intermediate"], itemsize=tdtype.itemsize)
     cfg = hf_config_from_model(model)
     layer_cls, rope_cls, norm_cls = _layer_classes(cfg)
     t0 = time.perf_counter()
@@ -400,6 +441,8 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
                 layer = layer_cls(cfg, layer_idx=0)
                 h = model["hidden"]
                 x = torch.empty(micro_batch, local, h, requires_grad=True)
+                mlp_saved = _mlp_saved_bytes(layer, x) if tile is not None else 0
+                tiled = tiling.install([layer], tile, model["intermediate"]) if tile is not None else {}
                 shared = None
                 if model["model_type"] != "gpt2":
                     rope = rope_cls(cfg)
@@ -456,7 +499,9 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
     return LayerProfile(model=identity_of(model), seq_len=seq_len, local_seq_len=local, micro_batch=micro_batch,
                         dtype=_CANONICAL_DTYPE[tdtype], sp=sp, forward=fwd, backward=bwd, saved=saved_info,
                         saved_bytes=saved_bytes, embedding_forward=emb_f, embedding_backward=emb_b, head=head,
-                        loss_chunk=loss_chunk, profile_s=time.perf_counter() - t0, swap_ratio=swap_ratio)
+                        loss_chunk=loss_chunk, profile_s=time.perf_counter() - t0, swap_ratio=swap_ratio,
+                        tile_tokens=tile if tiled else None, tile_setting=tile_setting,
+                        mlp_saved_bytes=mlp_saved if tiled else 0)
 
 
 def _profile_embedding(model: dict, micro_batch: int, local: int) -> tuple[Trace, Trace]:

@@ -22,6 +22,17 @@ NOTE [ Step-time model ]
      no recompute, over ``step_time * gpus * peak``.
   6. ZeRO gradient/parameter collectives and the optimizer step are added unhidden; at long
      lengths they are well under 1% of a step.
+  7. Layer policies (NOTE [ Layer policies ] in memo/executor.py; the planner's side: NOTE [ Policy
+     choice ] in planner/policies.py). A "memo" layer is rules 3-4. An "input" layer swaps only its
+     input (copied like rule 3) and before its backward runs its whole forward again: the GEMM and
+     element-wise time, the attention forward and the forward's exposed SP communication (the
+     ring or the all-to-alls run again). A "kept" layer (the last ``keep``) copies and recomputes
+     nothing.
+  8. Token tiling (NOTE [ Token tiling ] in memo/tiling.py): a tiled MLP's backward runs the MLP's
+     forward again, tile by tile: every tiled layer (whatever its policy) adds the MLP's GEMM time
+     plus ``elementwise_passes`` over the bytes the untiled MLP would have saved
+     (``mlp_saved_bytes``). Rule 1's element-wise passes count those bytes too: tiling changes
+     what is saved, not the element-wise work.
 
 NOTE [ SP communication model ]
   P = SP degree, s = S / P tokens per rank, b = micro batch, h / kv = heads / kv heads, d =
@@ -280,14 +291,15 @@ def model_state_bytes(model: dict, *, zero_stage: int, ranks: int, offload_optim
 # --- FLOPs and time ------------------------------------------------------------------------------
 
 def layer_flops(model: dict, seq_len: int, micro_batch: int = 1) -> dict:
-    """Forward FLOPs of one decoder layer over a whole sequence (REFERENCE.md formulas)."""
+    """Forward FLOPs of one decoder layer over a whole sequence (REFERENCE.md formulas); ``mlp``
+    is the MLP's part of ``gemm``."""
     s, h, f = seq_len * micro_batch, model["hidden"], model["intermediate"]
     q = model["heads"] * model["head_dim"]
     kv = model["kv_heads"] * model["head_dim"]
     proj = 2 * s * h * (q + 2 * kv) + 2 * s * q * h
     mlp = 2 * s * h * f * (2 if mlp_kind(model) == "gelu" else 3)
     attn = 2 * seq_len * seq_len * q * micro_batch
-    return {"gemm": float(proj + mlp), "attention": float(attn)}
+    return {"gemm": float(proj + mlp), "attention": float(attn), "mlp": float(mlp)}
 
 
 def model_flops_per_step(model: dict, seq_len: int, micro_batch: int, dp: int) -> float:
@@ -318,6 +330,14 @@ class StepTimes:
     model_flops: float
     mfu: float
     sp_comm: Optional[SPComm] = None  # the detail behind sp_comm_*_s (its own entry in a plan)
+    # Layer policies and tiling (rules 7 and 8); per layer unless named per step.
+    memo_layers: int = 0
+    input_layers: int = 0
+    kept_layers: int = 0
+    layer_input_recompute_s: float = 0.0   # an "input" layer's forward again (attention and SP comm included)
+    input_copy_s: float = 0.0              # an "input" layer's copy, each way
+    mlp_recompute_s: float = 0.0           # a tiled layer's extra MLP forward (0 untiled)
+    recompute_per_step_s: float = 0.0      # all recompute of the step: memo + input + tiled MLP
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "sp_comm"}
@@ -325,8 +345,15 @@ class StepTimes:
 
 def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, sp: int, gpus: int,
               gpus_per_node: int, alpha: float, swap_bytes_fixed: float, swap_bytes_other: float, keep_layers: int,
-              zero_stage: int, offload_optimizer: bool, dtype: str = "bf16", sp_backend: str = "ring") -> StepTimes:
-    """Predicted time of one training step on one rank. See NOTE [ Step-time model ]."""
+              zero_stage: int, offload_optimizer: bool, dtype: str = "bf16", sp_backend: str = "ring",
+              input_layers: int = 0, swap_bytes_input: Optional[float] = None, tiled: bool = False,
+              mlp_saved_bytes: float = 0.0) -> StepTimes:
+    """Predicted time of one training step on one rank. See NOTE [ Step-time model ].
+
+    The first ``input_layers`` swapped layers run the "input" policy and copy ``swap_bytes_input``
+    (the layer input; default ``swap_bytes_fixed``, an over-estimate) each way; the others, but
+    the last ``keep_layers``, run "memo" (rule 7). ``tiled``: the MLP is tiled and the untiled one
+    would save ``mlp_saved_bytes`` besides its input (rule 8)."""
     peak = gpu.peak_tflops * 1e12
     n = model["layers"]
     lf = layer_flops(model, seq_len, micro_batch)
@@ -334,17 +361,25 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
     ring = gpu.ring_eff if deg.ring > 1 else 1.0        # NOTE [ SP communication model ] rule 4
     # Rule 1: GEMMs, plus the element-wise passes over the layer's saved bytes (this rank's).
     gemm_f = lf["gemm"] / sp / (peak * gpu.gemm_eff) + \
-        gpu.elementwise_passes * (swap_bytes_fixed + swap_bytes_other) / gpu.hbm_Bps
+        gpu.elementwise_passes * (swap_bytes_fixed + swap_bytes_other + mlp_saved_bytes) / gpu.hbm_Bps
     attn_f = lf["attention"] / sp / (peak * gpu.attn_fwd_eff * ring)
     attn_b = 2 * lf["attention"] / sp / (peak * gpu.attn_bwd_eff * ring)
     t_fwd, t_bwd = gemm_f + attn_f, 2 * gemm_f + attn_b
     comm = sp_comm(model, gpu, seq_len=seq_len, micro_batch=micro_batch, sp=sp, gpus_per_node=gpus_per_node,
                    backend=sp_backend, attn_fwd_s=attn_f, attn_bwd_s=attn_b, dtype=dtype)
+    keep = min(max(keep_layers, 0), n)
+    n_input = min(max(input_layers, 0), n - keep)
+    n_memo = n - keep - n_input
+    # Rule 8: the tiled backward's MLP forward, in every layer.
+    mlp_f = (lf["mlp"] / sp / (peak * gpu.gemm_eff) + gpu.elementwise_passes * mlp_saved_bytes / gpu.hbm_Bps
+             if tiled else 0.0)
     recompute = (1.0 - alpha) * gemm_f
+    input_recompute = gemm_f + attn_f + comm.fwd_exposed_s      # rule 7
     swapped = swap_bytes_fixed + alpha * swap_bytes_other
-    swapped_layers = max(n - keep_layers, 0)
     copy = swapped / gpu.host_link_Bps
-    exposed = swapped_layers * (max(0.0, copy - t_fwd) + max(0.0, copy - t_bwd))
+    copy_in = (swap_bytes_fixed if swap_bytes_input is None else swap_bytes_input) / gpu.host_link_Bps
+    exposed = n_memo * (max(0.0, copy - t_fwd) + max(0.0, copy - t_bwd)) + \
+        n_input * (max(0.0, copy_in - t_fwd) + max(0.0, copy_in - t_bwd))
     head = 3 * 2 * seq_len * micro_batch * model["hidden"] * model["vocab"] / sp / (peak * gpu.gemm_eff)
     states = model_state_bytes(model, zero_stage=zero_stage, ranks=gpus, offload_optimizer=offload_optimizer,
                                dtype=dtype)
@@ -360,11 +395,14 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
     if zero_stage == 3:
         volume += grad_bytes * (gpus - 1) / gpus      # parameters gathered again for the backward
     collectives = volume / link if gpus > 1 else 0.0
-    total = (n * (t_fwd + t_bwd + recompute + comm.fwd_exposed_s + comm.bwd_exposed_s) + exposed + head + optimizer
-             + collectives)
+    recompute_step = n_memo * recompute + n_input * input_recompute + n * mlp_f
+    total = (n * (t_fwd + t_bwd + comm.fwd_exposed_s + comm.bwd_exposed_s) + recompute_step + exposed + head
+             + optimizer + collectives)
     dp = max(gpus // sp, 1)
     flops = model_flops_per_step(model, seq_len, micro_batch, dp)
     mfu = flops / (total * gpus * peak)
     return StepTimes(t_fwd, t_bwd, recompute, comm.ring_fwd_exposed_s, comm.ring_bwd_exposed_s, comm.a2a_fwd_s,
                      comm.a2a_bwd_s, comm.fwd_exposed_s, comm.bwd_exposed_s, copy, copy, exposed, head, optimizer,
-                     collectives, total, flops, mfu, comm)
+                     collectives, total, flops, mfu, comm, memo_layers=n_memo, input_layers=n_input,
+                     kept_layers=keep, layer_input_recompute_s=input_recompute, input_copy_s=copy_in,
+                     mlp_recompute_s=mlp_f, recompute_per_step_s=recompute_step)

@@ -28,6 +28,14 @@ NOTE [ Level-2 step timeline ]
      Rules 6 and 7 are what the measured H100 peaks show (NOTE [ Measured H100 constants ] in
      cost.py): Llama-2-7B's peak is at its first layer's backward, weights + gradients + that
      layer's backward arena + its recompute, TinyLlama's at the head.
+  8. Layer policies (NOTE [ Policy choice ] in policies.py): rules 2, 3 and 6 are a "memo"
+     layer's. An "input" layer's swap buffer and prefetch hold its input only, and its backward
+     step holds ``max(forward arena + output gradient, backward arena)``: the executor runs the
+     whole forward again (its arena, the restored input included) while the output gradient from
+     the layer above waits, and keeps what it saves as the backward's saved tensors (no copy, no
+     recompute block); then the backward arena. A "kept" layer is rule 4.
+  9. Token tiling is inside the Level-1 arenas: the profile runs the MLP tiled as the runtime does
+     (NOTE [ Profiler allocation steps ] rule 6 in memo/profile.py).
 
 NOTE [ SP buffers in Level 1 ]
   The profile runs one layer with plain sdpa at the per-rank length s and adds the ring's
@@ -49,14 +57,14 @@ NOTE [ SP buffers in Level 1 ]
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
-from .alpha import solve_alpha
+from .policies import MAX_KEEP, LayerSizes, Mix, choose, enumerate_mixes, least_host
 from .cost import DTYPE_BYTES, GPUProfile, SPDegrees, model_state_bytes, sp_degrees, step_time
 from .presets import layer_parameters, model_parameters
 from .dsa import ProgressFn, align_allocs, solve_layout
-from .layout import Alloc, Layout, live_bytes_over_time
+from .layout import Alloc, Layout, live_bytes_over_time, lower_bound
 from .units import format_bytes
 
 PLAN_VERSION = 1
@@ -86,7 +94,9 @@ class Options:
     zero_stage: int = 0
     offload_optimizer: bool = False
     swap_ratio: Union[str, float] = "auto"
-    keep_layers: int = 2
+    keep_layers: Optional[int] = None   # None: the planner chooses (NOTE [ Policy choice ] rule 5)
+    policy: str = "auto"                # "auto" (a mix), "memo" or "input": NOTE [ Policy choice ] rule 8
+    max_keep: int = MAX_KEEP
     time_limit: float = 60.0
     use_mip: bool = True
     threads: int = 2
@@ -168,11 +178,16 @@ def swap_sizes(profile: dict) -> tuple[int, int, int]:
 
 
 def step_allocs(n: int, level1: Level1, *, states: dict, shared: int, swap_bytes: int, kept_bytes: int,
-                keep: int, recompute_bytes: int = 0, layer_grad_bytes: Optional[int] = None
+                keep: int = 0, recompute_bytes: int = 0, layer_grad_bytes: Optional[int] = None,
+                policies: Optional[list[str]] = None, input_bytes: int = 0, input_bwd_bytes: int = 0
                 ) -> tuple[list[Alloc], list[str]]:
     """Level 2's allocations and step labels. See NOTE [ Level-2 step timeline ]. ``layer_grad_bytes``
     (one layer's share of ``states["gradients"]``) makes gradients appear at each layer's
-    backward (rule 7); None keeps them for the whole step."""
+    backward (rule 7); None keeps them for the whole step. ``policies`` (one per layer: "memo",
+    "input", "kept"; default: "memo" but the last ``keep``) with ``input_bytes`` (an "input" layer's
+    host copy) and ``input_bwd_bytes`` (its backward block: rule 8)."""
+    if policies is None:
+        policies = ["memo"] * max(n - keep, 0) + ["kept"] * min(keep, n)
     labels = ["embedding fwd"] + [f"layer {i} fwd" for i in range(n)] + ["head+loss"] + \
              [f"layer {i} bwd" for i in reversed(range(n))] + ["embedding bwd"]
     T = len(labels)
@@ -190,17 +205,35 @@ def step_allocs(n: int, level1: Level1, *, states: dict, shared: int, swap_bytes
         out.append(Alloc("shared", shared, 0, T, "shared"))
     out.append(Alloc("embedding.fwd", level1.embedding_forward.peak, 0, 1, "block"))
     for i in range(n):
+        policy = policies[i]
         out.append(Alloc(f"L{i}.fwd", level1.forward.peak, fwd_step(i), fwd_step(i) + 1, "block"))
-        out.append(Alloc(f"L{i}.bwd", level1.backward.peak, bwd_step(i), bwd_step(i) + 1, "block"))
-        if i >= n - keep:
+        bwd = input_bwd_bytes if policy == "input" else level1.backward.peak
+        out.append(Alloc(f"L{i}.bwd", bwd, bwd_step(i), bwd_step(i) + 1, "block"))
+        if policy == "kept":
             out.append(Alloc(f"L{i}.kept", kept_bytes, fwd_step(i) + 1, bwd_step(i), "kept"))
-        else:
-            out.append(Alloc(f"L{i}.swap_out", swap_bytes, fwd_step(i) + 1, fwd_step(i) + 2, "swap_buffer"))
-            out.append(Alloc(f"L{i}.prefetch", swap_bytes, bwd_step(i) - 1, bwd_step(i), "swap_buffer"))
+            continue
+        copied = input_bytes if policy == "input" else swap_bytes
+        out.append(Alloc(f"L{i}.swap_out", copied, fwd_step(i) + 1, fwd_step(i) + 2, "swap_buffer"))
+        out.append(Alloc(f"L{i}.prefetch", copied, bwd_step(i) - 1, bwd_step(i), "swap_buffer"))
+        if policy == "memo":
             out.append(Alloc(f"L{i}.recompute", recompute_bytes, bwd_step(i), bwd_step(i) + 1, "recompute"))
     out.append(Alloc("head", level1.head.peak, n + 1, n + 2, "block"))
     out.append(Alloc("embedding.bwd", level1.embedding_backward.peak, T - 1, T, "block"))
     return [a for a in out if a.bytes > 0], labels
+
+
+def bound_level1(level1: "Level1") -> "Level1":
+    """``level1`` with each block's peak at its lower bound (live bytes, no layout)."""
+    def lb(lay: Layout) -> Layout:
+        return replace(lay, peak=lay.lower_bound)
+    return Level1(lb(level1.forward), lb(level1.backward), lb(level1.embedding_forward),
+                  lb(level1.embedding_backward), lb(level1.head), level1.degrees)
+
+
+def input_backward_bytes(level1: "Level1", grad_out_bytes: int) -> int:
+    """An "input" layer's backward block (NOTE [ Level-2 step timeline ] rule 8): its forward arena
+    run again with the output gradient waiting, then its backward arena."""
+    return max(level1.forward.peak + grad_out_bytes, level1.backward.peak)
 
 
 @dataclass
@@ -214,72 +247,98 @@ class PlanContext:
     model_name: str = ""
 
 
-def _alpha(ctx: PlanContext, host_budget_rank: float, t_fwd: float) -> dict:
-    s_in, s_attn, s_other = swap_sizes(ctx.profile)
-    n = ctx.profile["model"]["layers"]
-    keep = min(ctx.options.keep_layers, n)
-    res = solve_alpha(s_in=s_in, s_attn=s_attn, s_other=s_other, bandwidth=ctx.cluster.gpu.host_link_Bps,
-                      t_fwd=t_fwd, n_layers=n, keep_layers=keep, host_budget=max(host_budget_rank, 0.0))
-    d = res.to_dict()
-    if ctx.options.swap_ratio != "auto":
-        a = float(ctx.options.swap_ratio)
-        d["alpha"] = a
-        d["reason"] = f"given: alpha = {a:.3f}"
-        d["fits"] = (n - keep) * (s_in + s_attn + a * s_other) <= host_budget_rank
-        d["hidden"] = (s_in + s_attn + a * s_other) / ctx.cluster.gpu.host_link_Bps <= t_fwd
-    return d
+def _times(ctx: PlanContext, zero_stage: int, mix: Mix):
+    prof, cl, opt = ctx.profile, ctx.cluster, ctx.options
+    s_in, s_attn, s_other = swap_sizes(prof)
+    return step_time(prof["model"], cl.gpu, seq_len=prof["seq_len"], micro_batch=prof["micro_batch"], sp=cl.sp,
+                     gpus=cl.gpus, gpus_per_node=cl.gpus_per_node, alpha=mix.alpha, swap_bytes_fixed=s_in + s_attn,
+                     swap_bytes_other=s_other, keep_layers=mix.keep, zero_stage=zero_stage,
+                     offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"], sp_backend=cl.sp_backend,
+                     input_layers=mix.inputs, swap_bytes_input=s_in, tiled=prof.get("tile_tokens") is not None,
+                     mlp_saved_bytes=prof.get("mlp_saved_bytes", 0))
+
+
+def _level2_allocs(ctx: PlanContext, states: dict, mix: Mix) -> tuple[list[Alloc], list[str]]:
+    prof, opt = ctx.profile, ctx.options
+    model = prof["model"]
+    n = model["layers"]
+    s_in, s_attn, s_other = swap_sizes(prof)
+    layer_grads = None if opt.grads_persist else \
+        int(states["gradients"] * layer_parameters(model) / model_parameters(model))
+    return step_allocs(n, ctx.level1, states=states, shared=prof["saved_bytes"].get("shared", 0),
+                       swap_bytes=int(s_in + s_attn + mix.alpha * s_other), kept_bytes=s_in + s_attn + s_other,
+                       recompute_bytes=int((1 - mix.alpha) * s_other), layer_grad_bytes=layer_grads,
+                       policies=mix.policies(), input_bytes=s_in,
+                       input_bwd_bytes=input_backward_bytes(ctx.level1, s_in))
+
+
+def choose_mix(ctx: PlanContext, zero_stage: int) -> dict:
+    """The layer policies, kept layers and alpha of the plan (NOTE [ Policy choice ]), with what
+    was considered: ``{"candidate", "fitting", "considered", "least_host", "t_fwd"}``."""
+    prof, cl, opt = ctx.profile, ctx.cluster, ctx.options
+    n = prof["model"]["layers"]
+    sizes = LayerSizes(*swap_sizes(prof))
+    states = model_state_bytes(prof["model"], zero_stage=zero_stage, ranks=cl.gpus,
+                               offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"])
+    budget = cl.host_memory / cl.gpus_per_node - states["host"]
+    t_fwd = _times(ctx, zero_stage, Mix(n, 0, 0, 1.0)).layer_forward_s
+
+    def bound(mix: Mix) -> int:
+        return lower_bound(_level2_allocs(ctx, states, mix)[0]) + cl.reserve_bytes
+
+    cands = enumerate_mixes(sizes, n=n, host_budget=budget, device_memory=cl.gpu.memory_bytes,
+                            bandwidth=cl.gpu.host_link_Bps, t_fwd=t_fwd, device_bound=bound,
+                            step_s=lambda m: _times(ctx, zero_stage, m).step_time_s, keep=opt.keep_layers,
+                            max_keep=opt.max_keep, policy=opt.policy,
+                            alpha=None if opt.swap_ratio == "auto" else float(opt.swap_ratio))
+    best, fitting = choose(cands)
+    return {"candidate": best, "fitting": fitting, "considered": len(cands), "least_host": least_host(cands, sizes),
+            "t_fwd": t_fwd, "states": states, "budget": budget, "candidates": cands}
 
 
 def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optional[float] = None) -> dict:
-    """Alpha, Level 2, step time and fit for one ZeRO stage: the plan as a JSON-able dict."""
+    """Layer policies, alpha, Level 2, step time and fit for one ZeRO stage: the plan as a JSON-able dict."""
     prof, cl, opt = ctx.profile, ctx.cluster, ctx.options
     model = prof["model"]
     n = model["layers"]
-    keep = min(opt.keep_layers, n)
     s_in, s_attn, s_other = swap_sizes(prof)
     degrees = cl.sp_degrees(model)
     if ctx.level1.degrees is not None and ctx.level1.degrees != degrees:
         raise ValueError(f"memo.plan: the Level-1 layouts were solved for {ctx.level1.degrees}, the cluster runs "
                          f"{degrees}; solve them with solve_level1(profile, degrees=cluster.sp_degrees(model))")
-    states = model_state_bytes(model, zero_stage=zero_stage, ranks=cl.gpus, offload_optimizer=opt.offload_optimizer,
-                               dtype=prof["dtype"])
+    choice = choose_mix(ctx, zero_stage)
+    states = choice["states"]
     host_per_rank_budget = cl.host_memory / cl.gpus_per_node
-    act_budget = host_per_rank_budget - states["host"]
-    base = step_time(model, cl.gpu, seq_len=prof["seq_len"], micro_batch=prof["micro_batch"], sp=cl.sp,
-                     gpus=cl.gpus, gpus_per_node=cl.gpus_per_node, alpha=1.0, swap_bytes_fixed=s_in + s_attn,
-                     swap_bytes_other=s_other, keep_layers=keep, zero_stage=zero_stage,
-                     offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"], sp_backend=cl.sp_backend)
-    alpha_d = _alpha(ctx, act_budget, base.layer_forward_s)
-    alpha = alpha_d["alpha"]
-    times = step_time(model, cl.gpu, seq_len=prof["seq_len"], micro_batch=prof["micro_batch"], sp=cl.sp,
-                      gpus=cl.gpus, gpus_per_node=cl.gpus_per_node, alpha=alpha, swap_bytes_fixed=s_in + s_attn,
-                      swap_bytes_other=s_other, keep_layers=keep, zero_stage=zero_stage,
-                      offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"], sp_backend=cl.sp_backend)
+    tl = opt.time_limit if level2_time_limit is None else level2_time_limit
+    # The fastest fitting mix whose Level-2 layout fits too (the bound can be below any layout);
+    # the MIP only for the one kept, and only when the greedy layout is above the bound.
+    tries = choice["fitting"][:4] or [choice["candidate"]]
+    for cand in tries:
+        allocs, labels = _level2_allocs(ctx, states, cand.mix)
+        level2 = solve_layout(allocs, use_mip=False)
+        if level2.peak + cl.reserve_bytes <= cl.gpu.memory_bytes:
+            break
+    if opt.use_mip and level2.peak > level2.lower_bound:
+        level2 = solve_layout(allocs, time_limit=tl, use_mip=True, threads=opt.threads)
+    mix, alpha_d = cand.mix, dict(cand.alpha_detail)
+    alpha = mix.alpha
+    times = _times(ctx, zero_stage, mix)
+    keep = mix.keep
     swap_bytes = int(s_in + s_attn + alpha * s_other)   # floor: alpha fills the host budget exactly
     kept_bytes = s_in + s_attn + s_other
-    shared = prof["saved_bytes"].get("shared", 0)
-    layer_grads = None if opt.grads_persist else \
-        int(states["gradients"] * layer_parameters(model) / model_parameters(model))
-    allocs, labels = step_allocs(n, ctx.level1, states=states, shared=shared, swap_bytes=swap_bytes,
-                                 kept_bytes=kept_bytes, keep=keep, recompute_bytes=int((1 - alpha) * s_other),
-                                 layer_grad_bytes=layer_grads)
-    tl = opt.time_limit if level2_time_limit is None else level2_time_limit
-    level2 = solve_layout(allocs, time_limit=tl, use_mip=opt.use_mip, threads=opt.threads)
-    host_rank = (n - keep) * swap_bytes + states["host"]
+    host_rank = mix.host_bytes(LayerSizes(s_in, s_attn, s_other)) + states["host"]
     host_node = host_rank * cl.gpus_per_node
     device_peak = level2.peak + cl.reserve_bytes
     reasons = []
     if device_peak > cl.gpu.memory_bytes:
         reasons.append(f"device peak {format_bytes(device_peak)} exceeds the GPU's {format_bytes(cl.gpu.memory_bytes)}")
-    if not alpha_d["fits"] or host_node > cl.host_memory:
-        if opt.swap_ratio == "auto":
-            need = (n - keep) * (s_in + s_attn) + states["host"]
-            what = f"at least {format_bytes(need)} (inputs and attention outputs of {n - keep} layers"
-        else:
-            need = host_rank
-            what = f"{format_bytes(need)} at the given swap ratio {alpha:.3f} ({n - keep} layers"
-        reasons.append(f"host memory: each rank needs {what}{' + offloaded optimizer' if states['host'] else ''}), "
+    if not cand.host_fits or host_node > cl.host_memory * (1 + 1e-12):
+        need = (n - keep) * s_in + states["host"]
+        reasons.append(f"host memory: each rank needs at least {format_bytes(need)} (the inputs of {n - keep} layers "
+                       f"recomputing attention{' + offloaded optimizer' if states['host'] else ''}), "
                        f"{format_bytes(host_per_rank_budget)} available per rank")
+    least = choice["least_host"]
+    least_rank = None if least is None else least[1] + states["host"]
     # Which blocks are live at the step of the peak.
     curve = live_bytes_over_time(allocs)
     peak_step = max(curve, key=lambda x: x[1])[0] if curve else 0
@@ -287,6 +346,13 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     # NOTE [ SP buffers in Level 1 ]: what the layer arenas hold for SP, at the attention step.
     sp_buffers = {part: sum(a.bytes for a in lay.allocs if a.kind in ("ring_buffer", "ulysses_buffer"))
                   for part, lay in (("forward", ctx.level1.forward), ("backward", ctx.level1.backward))}
+    policies = mix.policies()
+    # NOTE [ Level-2 step timeline ]: everything but the model states, at its own highest step; with
+    # the planned arenas, and as live bytes (the Level-1 lower bounds: no layout, what a count of live
+    # storages sees).
+    activation_peak = lower_bound([a for a in allocs if a.kind != "model_state"])
+    live_ctx = PlanContext(prof, cl, opt, bound_level1(ctx.level1), ctx.model_name)
+    activation_live = lower_bound([a for a in _level2_allocs(live_ctx, states, mix)[0] if a.kind != "model_state"])
     plan = {
         "memo_plan_version": PLAN_VERSION,
         "model": dict(model),
@@ -297,19 +363,40 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
         "gpus": cl.gpus, "gpus_per_node": cl.gpus_per_node,
         "gpu": cl.gpu.to_dict(), "host_memory_bytes": int(cl.host_memory), "reserve_bytes": cl.reserve_bytes,
         "zero_stage": zero_stage, "offload_optimizer": opt.offload_optimizer, "keep_layers": keep,
+        "keep_layers_chosen": opt.keep_layers is None,
+        "layer_policies": policies, "tile_tokens": prof.get("tile_tokens"),
+        "policy_counts": {p: policies.count(p) for p in ("memo", "input", "kept")},
         "alpha": alpha, "alpha_detail": alpha_d,
         "fits": not reasons, "reasons": reasons,
         "predicted": {"step_time_s": times.step_time_s, "mfu": times.mfu, "device_peak_bytes": int(device_peak),
+                      "activation_peak_bytes": int(activation_peak),
+                      "activation_live_peak_bytes": int(activation_live),
                       "host_bytes": int(host_node), "host_bytes_per_rank": int(host_rank),
+                      "host_bytes_min": None if least_rank is None else int(least_rank * cl.gpus_per_node),
+                      "host_bytes_min_per_rank": None if least_rank is None else int(least_rank),
+                      "host_bytes_min_policies": None if least is None else least[0].policies(),
                       "times": times.to_dict(), "sp_comm": times.sp_comm.to_dict()},
+        "policy_search": {"considered": choice["considered"], "fitting": len(choice["fitting"]),
+                          # The least device bound of the mixes the host holds (else of the all-"input"
+                          # ones) and the least host bytes of any mix: how far from fitting (the length
+                          # search interpolates on them).
+                          "least_device_bound_bytes": int(min(
+                              (c.device_bound for c in choice["candidates"] if c.host_fits),
+                              default=min(c.device_bound for c in choice["candidates"]))),
+                          "least_host_bytes_per_rank": int(min(c.host_bytes for c in choice["candidates"])
+                                                           + states["host"]),
+                          "fastest": [c.summary() for c in choice["fitting"][:5]],
+                          "chosen": cand.summary()},
         "model_states": states,
         "swap": {"layer_input_bytes": s_in, "attention_output_bytes": s_attn, "other_bytes": s_other,
                  "swapped_bytes_per_layer": swap_bytes, "recomputed_bytes_per_layer": int((1 - alpha) * s_other),
-                 "swapped_layers": n - keep},
+                 "swapped_layers": n - keep, "memo_layers": mix.memos, "input_layers": mix.inputs,
+                 "input_swapped_bytes_per_layer": s_in, "mlp_saved_bytes_untiled": prof.get("mlp_saved_bytes", 0)},
         "layer": {"forward": ctx.level1.forward.to_dict(), "backward": ctx.level1.backward.to_dict(),
                   "embedding_forward_peak_bytes": ctx.level1.embedding_forward.peak,
                   "embedding_backward_peak_bytes": ctx.level1.embedding_backward.peak,
-                  "head_peak_bytes": ctx.level1.head.peak, "sp_buffer_bytes": sp_buffers},
+                  "head_peak_bytes": ctx.level1.head.peak, "sp_buffer_bytes": sp_buffers,
+                  "input_backward_bytes": input_backward_bytes(ctx.level1, s_in)},
         "step": {**{k: v for k, v in level2.to_dict().items()}, "step_labels": labels, "peak_step": peak_step,
                  "live_at_peak": at_peak},
     }
@@ -368,6 +455,56 @@ def max_fitting_seq_len(fits_at: Callable[[int], bool], *, start: int, granulari
     return lo
 
 
+def max_fitting_seq_len_interp(evaluate: Callable[[int], tuple[bool, float]], *, start: int, granularity: int,
+                               upper: int = 1 << 27, max_evals: int = 40) -> int:
+    """Largest multiple of ``granularity`` in ``[granularity, upper]`` that fits, where
+    ``evaluate(s)`` is ``(fits, excess)`` and ``excess`` (how far from fitting: > 0 does not fit,
+    <= 0 fits) is close to linear in ``s``. Like ``max_fitting_seq_len`` but proposes each length
+    by linear interpolation of ``excess`` between the two nearest lengths tried (bisection when that
+    does not narrow the bracket), so a few evaluations suffice. Assumes fit is monotone in length."""
+    g = granularity
+    upper = upper // g * g
+    if upper < g:
+        return 0
+    seen: dict[int, tuple[bool, float]] = {}
+
+    def ev(s: int) -> tuple[bool, float]:
+        if s not in seen:
+            seen[s] = evaluate(s)
+        return seen[s]
+
+    def snap(x: float) -> int:
+        return min(max(g, int(x) // g * g), upper)
+
+    lo, hi = 0, upper + g           # fits at lo (0: none yet), not at hi
+    s = snap(start)
+    prev = None
+    while hi - lo > g and len(seen) < max_evals:
+        fits, excess = ev(s)
+        if fits:
+            lo = max(lo, s)
+        else:
+            hi = min(hi, s)
+        if hi - lo <= g:
+            break
+        # Propose the root of the line through the last two points, kept strictly inside (lo, hi).
+        guess = None
+        if prev is not None and prev[0] != s and excess != prev[1]:
+            guess = s - excess * (s - prev[0]) / (excess - prev[1])
+        elif excess != 0:
+            guess = s * (2.0 if fits else 0.5)
+        prev = (s, excess)
+        nxt = snap(guess) if guess is not None else (lo + hi) // 2 // g * g
+        if fits and nxt == s:
+            nxt = s + g                     # the root is within one step: check the next length
+        if not lo < nxt < hi or nxt in seen:
+            nxt = (lo + hi) // 2 // g * g
+            if not lo < nxt < hi:
+                break
+        s = nxt
+    return lo if lo <= upper else 0
+
+
 def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
     """Rows of the memory table: (what, bytes per rank, live at the step's peak)."""
     live = plan["step"]["live_at_peak"]
@@ -386,16 +523,32 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
         if sp_buf.get(part):
             # Inside that arena, at the attention step: NOTE [ SP buffers in Level 1 ].
             rows.append((f"  of which {plan.get('sp_backend', 'ring')} buffers (attention step)", sp_buf[part], False))
+    if plan["swap"].get("input_layers"):
+        # NOTE [ Level-2 step timeline ] rule 8: the forward again, then the backward.
+        inputs = {i for i, p in enumerate(plan.get("layer_policies", [])) if p == "input"}
+        rows.append(("'input' layer backward (forward again + backward)", lay.get("input_backward_bytes", 0),
+                     any(k.endswith(".bwd") and int(k[1:-4]) in inputs for k in peak_ids if k.startswith("L"))))
+    sw = plan["swap"]
+    memo_ids = {i for i, p in enumerate(plan.get("layer_policies", [])) if p == "memo"} \
+        if "layer_policies" in plan else set(range(plan["model"]["layers"]))
+
+    def copy_live(ids: set) -> bool:
+        return any(k.endswith((".swap_out", ".prefetch")) and int(k[1:k.index(".")]) in ids
+                   for k in peak_ids if k.startswith("L"))
+    if sw.get("input_layers"):
+        inputs = set(range(plan["model"]["layers"])) - memo_ids - {
+            i for i, p in enumerate(plan["layer_policies"]) if p == "kept"}
+        rows.append(("swap buffer (per 'input' layer)", sw["input_swapped_bytes_per_layer"], copy_live(inputs)))
     rows += [
-        ("swap buffer (per layer)", plan["swap"]["swapped_bytes_per_layer"],
-         any(k.endswith((".swap_out", ".prefetch")) for k in peak_ids)),
+        ("swap buffer (per 'memo' layer)", sw["swapped_bytes_per_layer"] if memo_ids else 0, copy_live(memo_ids)),
         (f"kept layers ({plan['keep_layers']} x saved activations)",
          sum(v for k, v in live.items() if k.endswith(".kept")) or plan["keep_layers"] * (
              plan["swap"]["layer_input_bytes"] + plan["swap"]["attention_output_bytes"] + plan["swap"]["other_bytes"]),
          any(k.endswith(".kept") for k in peak_ids)),
         # NOTE [ Level-2 step timeline ] rule 6: the recomputed tokens' outputs, during one layer's backward.
-        ("recompute block (per swapped layer)",
-         plan["swap"].get("recomputed_bytes_per_layer", 0) if plan["swap"].get("swapped_layers") else 0,
+        ("recompute block (per 'memo' layer)",
+         plan["swap"].get("recomputed_bytes_per_layer", 0) if plan["swap"].get("memo_layers",
+                                                                                plan["swap"].get("swapped_layers")) else 0,
          any(k.endswith(".recompute") for k in peak_ids)),
         ("LM head + loss block", lay["head_peak_bytes"], "head" in live),
         ("shared (RoPE cos/sin)", live.get("shared", 0), "shared" in live),
@@ -405,5 +558,5 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
 
 
 __all__ = ["Cluster", "Options", "PlanContext", "Level1", "solve_level1", "finish_plan", "plan_for_stages",
-           "max_fitting_seq_len", "memory_rows", "step_allocs", "trace_allocs", "layer_allocs", "ulysses_buffer_bytes",
+           "max_fitting_seq_len", "max_fitting_seq_len_interp", "memory_rows", "step_allocs", "trace_allocs", "layer_allocs", "ulysses_buffer_bytes",
            "swap_sizes", "PLAN_VERSION"]

@@ -13,6 +13,10 @@ The runtime calls these from ``memo.wrap`` when ``MemoConfig(plan="plan.json")``
     forward_offsets = {t["id"]: t["offset"] for t in plan["layer"]["forward"]["tensors"]}
 
 ``model_identity`` is ``memo.profile.model_identity`` (a dict of the shape-defining numbers).
+``layer_policies`` (one of "memo", "input", "kept" per layer, the "kept" ones last) and
+``tile_tokens`` (the MLP tile the plan's memory assumed; null: untiled) are checked when present;
+plans written before them read as "memo" for every layer but the last ``keep_layers`` ("kept")
+and untiled (``plan_layer_policies``, ``plan_tile_tokens``).
 ``sp_backend`` is checked only when given; plans written before the field existed were made
 for the ring and read as ``"ring"`` (``plan_sp_backend``).
 
@@ -32,6 +36,7 @@ import re
 from typing import Optional
 
 from .cost import SP_BACKENDS
+from .policies import POLICIES
 from .presets import IDENTITY_FIELDS
 from .plan import PLAN_VERSION
 
@@ -102,6 +107,7 @@ def _check_schema(plan, where: str) -> None:
                             f"{', '.join(SP_BACKENDS)}; {fix}")
     if not 0.0 <= float(plan["alpha"]) <= 1.0:
         raise PlanFileError(f"memo.plan: {where}: alpha {plan['alpha']} is outside [0, 1]; {fix}")
+    _check_policies(plan, where, fix)
     for part in ("forward", "backward"):
         layout = plan["layer"].get(part)
         if not isinstance(layout, dict):
@@ -119,6 +125,48 @@ def _check_schema(plan, where: str) -> None:
     for key in ("peak_bytes", "lower_bound_bytes"):
         if not isinstance(plan["step"].get(key), int):
             raise PlanFileError(f"memo.plan: {where}: step.{key} is missing or malformed; {fix}")
+
+
+def _check_policies(plan: dict, where: str, fix: str) -> None:
+    """``layer_policies``, ``keep_layers`` and ``tile_tokens``, where present (see the module docstring)."""
+    n = plan["model"]["layers"]
+    keep = plan.get("keep_layers")
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= n):
+        raise PlanFileError(f"memo.plan: {where}: keep_layers {keep!r} is not an int in [0, {n}]; {fix}")
+    tile = plan.get("tile_tokens")
+    if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile <= 0):
+        raise PlanFileError(f"memo.plan: {where}: tile_tokens {tile!r} is neither null (untiled) nor a positive "
+                            f"int; {fix}")
+    if "layer_policies" not in plan:
+        return
+    pol = plan["layer_policies"]
+    if not isinstance(pol, list) or len(pol) != n:
+        raise PlanFileError(f"memo.plan: {where}: layer_policies must list one policy for each of the model's {n} "
+                            f"layers, got {pol!r:.80}; {fix}")
+    bad = sorted({str(p) for p in pol if p not in POLICIES})
+    if bad:
+        raise PlanFileError(f"memo.plan: {where}: layer_policies holds {', '.join(map(repr, bad))}, not one of "
+                            f"{', '.join(POLICIES)}; {fix}")
+    kept = pol.count("kept")
+    if pol[n - kept:] != ["kept"] * kept:
+        raise PlanFileError(f"memo.plan: {where}: layer_policies has \"kept\" layers before swapped ones; the "
+                            f"kept layers are the last ones; {fix}")
+    if keep is not None and kept != keep:
+        raise PlanFileError(f"memo.plan: {where}: layer_policies keeps {kept} layers, keep_layers says {keep}; {fix}")
+
+
+def plan_layer_policies(plan: dict) -> list[str]:
+    """The plan's policy per layer; plans older than the field: "memo" but the last ``keep_layers``."""
+    if "layer_policies" in plan:
+        return list(plan["layer_policies"])
+    n = plan["model"]["layers"]
+    keep = min(int(plan.get("keep_layers", 2)), n)
+    return ["memo"] * (n - keep) + ["kept"] * keep
+
+
+def plan_tile_tokens(plan: dict):
+    """The MLP tile the plan assumed (None: untiled; plans older than the field were untiled)."""
+    return plan.get("tile_tokens")
 
 
 def _dtype(d: str) -> str:

@@ -74,7 +74,10 @@ M7 = ["--model", "memo-paper-7b", "--host-memory", "2TiB"]
     (M7 + ["--seq-len", "1M", "--gpus", "8", "--sp", "3"], "not a multiple of --sp 3"),
     (M7 + ["--seq-len", "1M", "--swap-ratio", "1.5"], "outside \\[0, 1\\]"),
     (M7 + ["--seq-len", "1M", "--zero-stage", "0", "--offload-optimizer"], "needs ZeRO stage 1, 2 or 3"),
-    (["--model", "memo-paper-7b", "--seq-len", "1M"], "--host-memory required"),
+    (["--model", "memo-paper-7b", "--seq-len", "1M"], "--host-memory is required"),
+    (["--model", "memo-paper-7b", "--host-memory", "2TiB"], "--seq-len is required"),
+    (M7 + ["--seq-len", "1M", "--tile-tokens", "-5"], "--tile-tokens '-5' is not auto, none or a token count"),
+    (M7 + ["--seq-len", "1M", "--keep-layers", "-1"], "--keep-layers -1 must be >= 0"),
     (M7 + ["--seq-len", "1M", "--sp-backend", "tree"],
      "--sp-backend 'tree' is not one of ring, ulysses, hybrid; pass one of those"),
     (["--model", "llama3-8b", "--host-memory", "2TiB", "--seq-len", "1M", "--gpus", "16", "--sp", "16",
@@ -120,9 +123,13 @@ def test_job_that_does_not_fit_says_the_smallest_change(capsys):
     plan = json.loads(out)
     assert plan["fits"] is False and plan["reasons"]
     assert "memo.plan: the job does not fit" in err
-    assert "--gpus 16 --sp 16" in err
+    assert "--gpus 8 --sp 8" in err
     assert plan["suggestions"]
-    assert plan["max_seq_len"] == 0          # 16 bytes per parameter of a 7B model exceed one 80 GB GPU
+    # 16 bytes per parameter of a 7B model exceed one 80 GB GPU: the length search finds the
+    # longest length with the optimizer states on the host, and says so.
+    search = plan["max_seq_len_search"]
+    assert plan["max_seq_len"] > 0 and search["options"]["offload_optimizer"] is True
+    assert search["limit"]["kind"] and search["limit"]["seq_len"] == plan["max_seq_len"] + search["granularity"]
 
 
 def test_corrupt_plan_file_exits_2(capsys, tmp_path):

@@ -119,19 +119,23 @@ def test_level2_step_layout_is_valid_and_counts_blocks():
     assert "L2.swap_out" not in {a.id for a in allocs}
 
 
+# The paper's setting: the last two layers kept, every other layer on MEMO's policy.
+FIXED = Options(use_mip=False, keep_layers=2, policy="memo")
+
+
 def test_alpha_divides_host_memory_among_the_gpus_of_a_node():
     prof = _fake_profile()
     l1 = solve_level1(prof, use_mip=False)
 
     def plan(host, gpus_per_node):
         cl = Cluster(gpus=8, sp=1, gpu=get_gpu("a800"), host_memory=host, gpus_per_node=gpus_per_node)
-        return finish_plan(PlanContext(prof, cl, Options(use_mip=False), l1), 1)
+        return finish_plan(PlanContext(prof, cl, FIXED, l1), 1)
     # 2 swapped layers per rank; fixed 2 GiB + alpha * 2 GiB each. 8 GiB per rank -> alpha 1.
     p = plan(64 * GIB, 8)
     assert p["alpha"] == pytest.approx(1.0) and p["fits"]
     # Same node memory shared by 16 GPUs: 4 GiB per rank -> 2 layers x (2 + 2 alpha) <= 4 -> alpha 0.
     p16 = finish_plan(PlanContext(prof, Cluster(gpus=16, sp=1, gpu=get_gpu("a800"), host_memory=64 * GIB,
-                                                gpus_per_node=16), Options(use_mip=False), l1), 1)
+                                                gpus_per_node=16), FIXED, l1), 1)
     assert p16["alpha"] == pytest.approx(0.0)
     assert p16["predicted"]["host_bytes"] <= 64 * GIB
     p = plan(16 * GIB, 8)                                                    # 2 GiB per rank: too small

@@ -40,8 +40,10 @@ def tinyllama_config(tmp_path_factory):
 def test_plan_predicts_the_measured_h100_step(capsys, tinyllama_config, model, tokens, extra, step_s, peak_gib):
     spec = tinyllama_config if model == "tinyllama" else model
     # Greedy layouts: on these layers they equal the lower bound, as the MIP's do (and take no time).
+    # What those runs ran: untiled MLP, the last two layers kept, MEMO's policy on the others.
     code = main(["plan", "--model", spec, "--seq-len", tokens, "--gpus", "1", "--sp", "1", "--gpu", "h100",
-                 "--host-memory", "1TiB", "--swap-ratio", "0", "--json", "--no-mip", *extra])
+                 "--host-memory", "1TiB", "--swap-ratio", "0", "--json", "--no-mip", "--tile-tokens", "none",
+                 "--keep-layers", "2", "--policy", "memo", *extra])
     out, err = capsys.readouterr()
     assert code == 0, err
     plan = json.loads(out)

@@ -105,12 +105,18 @@ def test_7b_llama_layer_at_1m_tokens_profiles_in_seconds():
 
 
 def test_paper_gpt_layer_saves_16_sbh():
-    # The paper: a GPT layer's skeletal tensors are 16 * b * s * h elements.
-    prof = profile_model(load_model("memo-paper-7b"), seq_len=1 << 17, sp=8)
+    # The paper: a GPT layer's skeletal tensors are 16 * b * s * h elements (its MLP untiled).
+    prof = profile_model(load_model("memo-paper-7b"), seq_len=1 << 17, sp=8, tile_tokens=None)
     s, h = (1 << 17) // 8, 4096
     sb = prof.saved_bytes
     total = sb["layer_input"] + sb["attention_output"] + sb["other"]
     assert total // 2 == pytest.approx(16 * s * h, rel=0.01)
+    # Tiled (NOTE [ Profiler allocation steps ] rule 6), the MLP saves its input only: the up
+    # projection's and the activation's outputs (4sh each) leave the saved set, and the profile
+    # says how many bytes they were.
+    tiled = profile_model(load_model("memo-paper-7b"), seq_len=1 << 17, sp=8, tile_tokens=4096)
+    assert tiled.tile_tokens == 4096 and tiled.mlp_saved_bytes == 2 * 4 * s * h * 2
+    assert tiled.saved_bytes["other"] + tiled.mlp_saved_bytes == sb["other"]
 
 
 def test_model_identity_and_presets():

@@ -14,17 +14,23 @@ import argparse
 import json
 import sys
 import time
+from typing import Optional
 
 from memo.errors import MemoError
 from memo.planner.cost import SP_BACKENDS, SPBackendError, UnknownGPU, get_gpu
 from memo.planner.units import UnitError, format_bytes, parse_bandwidth, parse_bytes, parse_count
 
 
+REQUIRED = ("model", "seq_len", "host_memory")
+
+
 def plan_command_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="predict memory, swap ratio, step time and MFU of a long-context job",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="preset (memo-paper-7b, llama3-8b, ...) or path to a config.json")
-    p.add_argument("--seq-len", help="tokens per sequence: 1048576, 512K, 1M")
+    req = p.add_argument_group("required (unless --from-plan)")
+    req.add_argument("--model", help="preset (memo-paper-7b, llama3-8b, ...) or path to a config.json")
+    req.add_argument("--seq-len", help="tokens per sequence: 1048576, 512K, 1M")
+    req.add_argument("--host-memory", help="host memory per node memo may use: 2TiB, 512GiB")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
     p.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all GPUs)")
@@ -33,7 +39,6 @@ def plan_command_parser(subparsers) -> None:
                         "heads and kv heads divisible by --sp) or hybrid (Ulysses inside a node, ring across nodes)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing one host's memory (default 8)")
     p.add_argument("--gpu", default="a800", help="a800, a100-80g, h100, h200 (default a800)")
-    p.add_argument("--host-memory", help="host memory per node memo may use: 2TiB, 512GiB")
     p.add_argument("--pcie", default=None, help="achieved host<->GPU bandwidth per GPU, e.g. 25GB/s (GPU default)")
     p.add_argument("--nvlink", default=None, help="GPU<->GPU bandwidth per direction, e.g. 200GB/s (GPU default)")
     p.add_argument("--inter-node", default=None,
@@ -45,12 +50,24 @@ def plan_command_parser(subparsers) -> None:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="ZeRO stage over all GPUs (default: the lowest that fits)")
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the host (CPU Adam)")
-    p.add_argument("--swap-ratio", default="auto", help="alpha in [0, 1] or 'auto' (the alpha program)")
-    p.add_argument("--keep-layers", type=int, default=2, help="last layers kept on the device (paper: 2)")
+    p.add_argument("--swap-ratio", default="auto", help="alpha of the 'memo' layers in [0, 1] or 'auto' (the "
+                                                        "alpha program)")
+    p.add_argument("--keep-layers", type=int, default=None,
+                   help="last layers kept on the device (default: the planner chooses 0..4 with the layer "
+                        "policies, 0 when memory-bound)")
+    p.add_argument("--policy", default="auto", choices=["auto", "memo", "input"],
+                   help="layer policy of the swapped layers: auto (default: the planner mixes 'memo' and 'input' "
+                        "layers), memo (input + attention output + alpha of the rest on the host) or input "
+                        "(only the input on the host, attention recomputed)")
+    p.add_argument("--tile-tokens", default="auto",
+                   help="MLP token tile, as MemoConfig.tile_tokens: auto (default: the runtime's rule), none "
+                        "(untiled) or a token count")
     p.add_argument("--loss-chunk", type=int, default=4096, help="tokens per chunk of the LM head + loss (4096)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds for each MIP (default 60)")
     p.add_argument("--no-mip", action="store_true", help="greedy layouts only (no MIP)")
-    p.add_argument("--max-seq-len", action="store_true", help="also search the largest sequence length that fits")
+    p.add_argument("--max-seq-len", action="store_true",
+                   help="also search the largest sequence length that fits, over ZeRO stages, optimizer offload "
+                        "and the layer policies, and say what limits it")
     p.add_argument("--out", default=None, help="write the plan (JSON) here, for MemoConfig(plan=...)")
     p.add_argument("--plot", default=None, help="write a PNG of the planned layouts here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
@@ -85,10 +102,11 @@ class _Progress:
 
 
 def _parse(args):
-    missing = [f"--{n.replace('_', '-')}" for n in ("model", "seq_len", "host_memory") if getattr(args, n) is None]
+    missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if getattr(args, n) is None]
     if missing:
-        raise MemoError(f"memo.plan: {', '.join(missing)} required; e.g. memo plan --model memo-paper-7b --seq-len 1M "
-                        f"--gpus 8 --gpu a800 --host-memory 2TiB")
+        raise MemoError(f"memo.plan: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (--model, "
+                        f"--seq-len and --host-memory always are); e.g. memo plan --model llama3-8b --seq-len 1M "
+                        f"--gpus 8 --gpu h100 --host-memory 2TiB")
     try:
         seq_len = parse_count(args.seq_len)
         host = parse_bytes(args.host_memory)
@@ -110,8 +128,9 @@ def _parse(args):
                         f"data-parallel groups of sp ranks: choose --sp dividing --gpus")
     if args.micro_batch < 1:
         raise MemoError(f"memo.plan: --micro-batch {args.micro_batch} must be >= 1")
-    if args.keep_layers < 0:
-        raise MemoError(f"memo.plan: --keep-layers {args.keep_layers} must be >= 0")
+    if args.keep_layers is not None and args.keep_layers < 0:
+        raise MemoError(f"memo.plan: --keep-layers {args.keep_layers} must be >= 0 (or left out: the planner chooses)")
+    args.tile = _tile(args.tile_tokens)
     swap = args.swap_ratio
     if swap != "auto":
         try:
@@ -132,6 +151,23 @@ def _parse(args):
     return seq_len, host, reserve, gpu, sp, swap
 
 
+def _tile(value: str):
+    """--tile-tokens: "auto", "none" or a positive count, as MemoConfig.tile_tokens (None, "auto", int)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("none", "0", "off"):
+        return None
+    try:
+        tile = parse_count(text)
+    except UnitError as e:
+        raise MemoError(f"memo.plan: --tile-tokens {value!r} is not auto, none or a token count; pass one of "
+                        f"those") from e
+    if tile <= 0:
+        raise MemoError(f"memo.plan: --tile-tokens {value!r} must be positive (or none, or auto)")
+    return tile
+
+
 def plan_command(args) -> int:
     try:
         return _plan(args)
@@ -140,36 +176,103 @@ def plan_command(args) -> int:
         return 2
 
 
+class _Planner:
+    """Profiles and Level-1 layouts by (length, SP degree), made once each; quick plans (greedy
+    layouts, policies chosen on the Level-2 bound) for the searches."""
+
+    def __init__(self, args, model: dict, gpu, reserve: int, progress: "_Progress"):
+        self.args, self.model, self.gpu, self.reserve, self.progress = args, model, gpu, reserve, progress
+        self._cache: dict = {}
+        self.profiles = 0
+
+    def cluster(self, *, gpus: int, sp: int, host: int):
+        from memo.planner.plan import Cluster
+        return Cluster(gpus=gpus, sp=sp, gpu=self.gpu, host_memory=host, gpus_per_node=self.args.gpus_per_node,
+                       reserve_bytes=self.reserve, sp_backend=self.args.sp_backend)
+
+    def level1(self, seq_len: int, sp: int, degrees):
+        """(profile dict, greedy Level 1) at this length and SP degree, cached."""
+        from memo.planner.plan import solve_level1
+        from memo.profile import profile_model
+        key = (seq_len, sp, degrees)
+        if key not in self._cache:
+            a = self.args
+            prof = profile_model(self.model, seq_len=seq_len, micro_batch=a.micro_batch, dtype=a.dtype, sp=sp,
+                                 loss_chunk=a.loss_chunk, tile_tokens=a.tile).to_dict()
+            self.profiles += 1
+            self._cache[key] = (prof, solve_level1(prof, degrees=degrees, use_mip=False))
+        return self._cache[key]
+
+    def quick(self, seq_len: int, *, gpus: int, sp: int, host: int, stage: Optional[int], offload: bool,
+              swap) -> Optional[dict]:
+        """The plan with greedy layouts (no MIP) at the lowest ZeRO stage that fits, or None when the
+        SP backend cannot split this model over ``sp`` ranks."""
+        from memo.planner.plan import Options, PlanContext, plan_for_stages
+        cl = self.cluster(gpus=gpus, sp=sp, host=host)
+        try:
+            deg = cl.sp_degrees(self.model)
+        except SPBackendError:
+            return None                    # e.g. more GPUs than the heads allow Ulysses to split over
+        prof, l1 = self.level1(seq_len, sp, deg)
+        opts = Options(offload_optimizer=offload, swap_ratio=swap, keep_layers=self.args.keep_layers, use_mip=False,
+                       policy=self.args.policy)
+        plan, _ = plan_for_stages(PlanContext(prof, cl, opts, l1), stage)
+        return plan
+
+    def fits(self, seq_len: int, **kw) -> bool:
+        plan = self.quick(seq_len, **kw)
+        return plan is not None and plan["fits"]
+
+
 def _plan(args) -> int:
-    from memo.planner.plan import Cluster, Options, PlanContext, plan_for_stages, solve_level1
+    from memo.planner.plan import Options, PlanContext, plan_for_stages, solve_level1
     from memo.planner.planfile import write_plan
-    from memo.profile import check_seq_len, load_model, profile_model
+    from memo.profile import check_seq_len, load_model
 
     if args.from_plan:
         return _show_plan(args)
+    t_start = time.perf_counter()
     seq_len, host, reserve, gpu, sp, swap = _parse(args)
     model = load_model(args.model)
-    cluster = Cluster(gpus=args.gpus, sp=sp, gpu=gpu, host_memory=host, gpus_per_node=args.gpus_per_node,
-                      reserve_bytes=reserve, sp_backend=args.sp_backend)
+    progress = _Progress(enabled=True)
+    planner = _Planner(args, model, gpu, reserve, progress)
+    cluster = planner.cluster(gpus=args.gpus, sp=sp, host=host)
     try:
         degrees = cluster.sp_degrees(model)
     except SPBackendError as e:
         raise MemoError(str(e)) from e
     check_seq_len(seq_len, sp)
-    progress = _Progress(enabled=True)
-    options = Options(offload_optimizer=args.offload_optimizer, swap_ratio=swap, keep_layers=args.keep_layers,
-                      time_limit=args.time_limit, use_mip=not args.no_mip)
     t0 = time.perf_counter()
-    prof = profile_model(model, seq_len=seq_len, micro_batch=args.micro_batch, dtype=args.dtype, sp=sp,
-                         loss_chunk=args.loss_chunk).to_dict()
-    progress.say(f"profiled one {model['model_type']} layer at {prof['local_seq_len']:,} tokens per rank in "
+    prof, greedy_l1 = planner.level1(seq_len, sp, degrees)
+    tile = f", MLP tile {prof['tile_tokens']:,} tokens" if prof.get("tile_tokens") else ", MLP untiled"
+    progress.say(f"profiled one {model['model_type']} layer at {prof['local_seq_len']:,} tokens per rank{tile} in "
                  f"{time.perf_counter() - t0:.2f} s ({len(prof['forward']['allocs'])} forward, "
                  f"{len(prof['backward']['allocs'])} backward allocations)")
-    level1 = solve_level1(prof, degrees=degrees, time_limit=args.time_limit, use_mip=not args.no_mip,
-                          progress=progress)
-    progress.say(f"Level 1 solved: forward {level1.forward.status}; backward {level1.backward.status}")
-    ctx = PlanContext(prof, cluster, options, level1, model_name=model.get("name", ""))
-    plan, tried = plan_for_stages(ctx, args.zero_stage)
+
+    def options(use_mip: bool) -> Options:
+        return Options(offload_optimizer=args.offload_optimizer, swap_ratio=swap, keep_layers=args.keep_layers,
+                       time_limit=args.time_limit, use_mip=use_mip, policy=args.policy)
+
+    # Greedy layouts first: the MIP runs only where it can change the answer (NOTE [ MIP plan is exact ]
+    # rule 2: it can only lower a greedy peak, never below the lower bound the policy choice already uses).
+    plan, tried = plan_for_stages(PlanContext(prof, cluster, options(False), greedy_l1, model.get("name", "")),
+                                  args.zero_stage)
+    mip_note = "not asked (--no-mip)" if args.no_mip else ""
+    if not args.no_mip:
+        l1_gap = greedy_l1.forward.peak > greedy_l1.forward.lower_bound or \
+            greedy_l1.backward.peak > greedy_l1.backward.lower_bound
+        could_fit = plan["fits"] or l1_gap or any(p["policy_search"]["fitting"] for p in tried)
+        if not could_fit:
+            mip_note = ("skipped: the job does not fit even at the layouts' lower bounds, which no layout goes "
+                        "below")
+        else:
+            level1 = solve_level1(prof, degrees=degrees, time_limit=args.time_limit, use_mip=True,
+                                  progress=progress) if l1_gap else greedy_l1
+            progress.say(f"Level 1 solved: forward {level1.forward.status}; backward {level1.backward.status}")
+            plan, tried = plan_for_stages(PlanContext(prof, cluster, options(True), level1, model.get("name", "")),
+                                          args.zero_stage)
+            mip_note = "run" if l1_gap else "Level 1 not needed (greedy layouts at their lower bounds)"
+    plan["mip"] = mip_note
     plan["stages_tried"] = [{"zero_stage": p["zero_stage"], "fits": p["fits"],
                              "device_peak_bytes": p["predicted"]["device_peak_bytes"], "reasons": p["reasons"]}
                             for p in tried]
@@ -182,28 +285,19 @@ def _plan(args) -> int:
 
     def fits_at(s: int, *, gpus: int = args.gpus, sp_: int = sp, host_: int = host,
                 stage=args.zero_stage, offload: bool = args.offload_optimizer, swap_=swap) -> bool:
-        """Does the job fit with these changes? Greedy layouts; higher ZeRO stages only lower
-        device memory, so with no stage given "some stage fits" is "stage 3 fits"."""
-        from memo.planner.plan import finish_plan
-        cl = Cluster(gpus=gpus, sp=sp_, gpu=gpu, host_memory=host_, gpus_per_node=args.gpus_per_node,
-                     reserve_bytes=reserve, sp_backend=args.sp_backend)
-        try:
-            deg = cl.sp_degrees(model)
-        except SPBackendError:
-            return False                    # e.g. more GPUs than the heads allow Ulysses to split over
-        pr = profile_model(model, seq_len=s, micro_batch=args.micro_batch, dtype=args.dtype, sp=sp_,
-                           loss_chunk=args.loss_chunk).to_dict()
-        opts = Options(offload_optimizer=offload, swap_ratio=swap_, keep_layers=args.keep_layers, use_mip=False)
-        c = PlanContext(pr, cl, opts, solve_level1(pr, degrees=deg, use_mip=False))
-        return finish_plan(c, 3 if stage is None else stage)["fits"]
+        """Does the job fit with these changes? Greedy layouts, the policies chosen again."""
+        return planner.fits(s, gpus=gpus, sp=sp_, host=host_, stage=stage, offload=offload, swap=swap_)
 
     granularity = 2 * sp * -(-8192 // (2 * sp))
     if args.max_seq_len or not plan["fits"]:
-        from memo.planner.plan import max_fitting_seq_len
-        progress.say("searching the largest sequence length that fits (greedy layouts)")
-        plan["max_seq_len"] = max_fitting_seq_len(fits_at, start=seq_len, granularity=granularity)
+        progress.say("searching the largest sequence length that fits (greedy layouts; ZeRO stages, optimizer "
+                     "offload and layer policies)")
+        plan["max_seq_len_search"] = _max_length(planner, plan, seq_len=seq_len, sp=sp, host=host, swap=swap,
+                                                 granularity=granularity)
+        plan["max_seq_len"] = plan["max_seq_len_search"]["max_seq_len"]
     if not plan["fits"]:
         plan["suggestions"] = _suggestions(plan, fits_at, seq_len, args, sp, host, swap)
+    plan["planning_s"] = time.perf_counter() - t_start
 
     _emit(plan, args)
     if args.plot:
@@ -220,6 +314,112 @@ def _plan(args) -> int:
         _write(args.out, "plan", lambda: write_plan(args.out, plan))
         progress.say(f"wrote {args.out} (use it with memo.MemoConfig(plan={args.out!r}))")
     return 0
+
+
+def _limit(plan: dict) -> dict:
+    """What stops ``plan`` from fitting: ``{"kind": "weights and states" | "device arena" | "host memory" | "",
+    "detail": ...}``."""
+    if plan["fits"]:
+        return {"kind": "", "detail": ""}
+    gpu_mem = plan["gpu"]["memory_bytes"]
+    st = plan["model_states"]
+    if any(r.startswith("host") for r in plan["reasons"]):
+        return {"kind": "host memory", "detail": "; ".join(r for r in plan["reasons"] if r.startswith("host"))}
+    states = st["device_total"] + plan["reserve_bytes"]
+    if states >= gpu_mem:
+        return {"kind": "weights and states",
+                "detail": f"weights, gradients and optimizer states need {format_bytes(states)} per GPU with the "
+                          f"reserve, of {format_bytes(gpu_mem)}"}
+    live = plan["step"]["live_at_peak"]
+    arena = max((b for k, b in live.items() if k.endswith((".bwd", ".fwd"))), default=0)
+    state_live = sum(b for k, b in live.items() if k in ("weights", "gradients", "optimizer", "zero3_gather",
+                                                          "grads.rest") or k.endswith(".grad"))
+    other = plan["step"]["peak_bytes"] - arena - state_live
+    at = plan["step"]["step_labels"][plan["step"]["peak_step"]]
+    return {"kind": "device arena",
+            "detail": f"at {at}: layer arena {format_bytes(arena)} (backward {format_bytes(plan['layer']['backward']['peak_bytes'])}, "
+                      f"forward {format_bytes(plan['layer']['forward']['peak_bytes'])}) + model states "
+                      f"{format_bytes(state_live)} + swap/recompute/head blocks {format_bytes(other)} + reserve "
+                      f"{format_bytes(plan['reserve_bytes'])} = {format_bytes(plan['predicted']['device_peak_bytes'])} "
+                      f"of {format_bytes(gpu_mem)}",
+            "layer_arena_bytes": arena, "model_state_bytes": state_live, "other_bytes": other}
+
+
+def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: int, swap, granularity: int) -> dict:
+    """The largest length that fits on this cluster with any ZeRO stage (or the one given), with or
+    without optimizer offload, and the layer policies chosen at each length; the options used
+    there and what limits the next length. Bounded: no length beyond what the host holds with
+    every layer keeping only its input."""
+    from memo.planner.plan import max_fitting_seq_len_interp
+    args = planner.args
+    stage = args.zero_stage
+    offloads = (False, True) if stage != 0 else (False,)
+    best: dict = {}
+
+    def loosest(off: bool) -> Optional[int]:
+        """The ZeRO stage with the least device memory: 3 over several ranks; over one rank sharding
+        saves nothing and stage 3 adds a gather buffer (the least stage offload allows)."""
+        if stage is not None:
+            return stage
+        return 3 if args.gpus > 1 else (1 if off else 0)
+
+    def at(s: int) -> Optional[dict]:
+        """The fitting plan at ``s`` (no offload first: it costs host memory and optimizer time)."""
+        last = None
+        for off in offloads:
+            p = planner.quick(s, gpus=args.gpus, sp=sp, host=host, stage=loosest(off), offload=off, swap=swap)
+            if p is None:
+                return None
+            last = p
+            if p["fits"]:
+                return p
+        best.setdefault("fail", {})[s] = last
+        return None
+
+    def evaluate(s: int) -> tuple[bool, float]:
+        """(fits, how far from fitting): the larger of the device's and the host's excess, relative."""
+        p = at(s)
+        if p is not None:
+            best.setdefault("ok", {})[s] = p
+            q = p
+        else:
+            q = best.get("fail", {}).get(s)
+            if q is None:
+                return False, 1.0
+        ps = q["policy_search"]
+        dev = ps["least_device_bound_bytes"] / q["gpu"]["memory_bytes"] - 1.0
+        budget = q["host_memory_bytes"] / q["gpus_per_node"]
+        host = ps["least_host_bytes_per_rank"] / budget - 1.0
+        return p is not None, max(dev, host)
+
+    # Host bound: every layer keeping only its input (NOTE [ Policy choice ] rule 7) must fit.
+    m = plan["model"]
+    per_token = m["layers"] * m["hidden"] * {"fp32": 4}.get(plan["dtype"], 2) * plan["micro_batch"]
+    upper = max(granularity, int(host / plan["gpus_per_node"] / per_token * sp) // granularity * granularity)
+    t0 = time.perf_counter()
+    found = max_fitting_seq_len_interp(evaluate, start=min(seq_len, upper), granularity=granularity, upper=upper)
+    out = {"max_seq_len": found, "granularity": granularity, "upper_bound_host": upper, "lengths_tried":
+           len(best.get("ok", {})) + len(best.get("fail", {})), "search_s": time.perf_counter() - t0}
+    if found:
+        p = best["ok"][found]   # at the lowest ZeRO stage that fits, as a plan would choose it
+        p = planner.quick(found, gpus=args.gpus, sp=sp, host=host, stage=stage, offload=p["offload_optimizer"],
+                          swap=swap) if stage is None else p
+        out["options"] = {"zero_stage": p["zero_stage"], "offload_optimizer": p["offload_optimizer"],
+                          "keep_layers": p["keep_layers"], "policy_counts": p["policy_counts"],
+                          "alpha": p["alpha"], "tile_tokens": p["tile_tokens"],
+                          "step_time_s": p["predicted"]["step_time_s"], "mfu": p["predicted"]["mfu"],
+                          "device_peak_bytes": p["predicted"]["device_peak_bytes"],
+                          "host_bytes_min": p["predicted"]["host_bytes_min"]}
+    nxt = found + granularity
+    if nxt > upper:
+        out["limit"] = {"kind": "host memory", "detail": f"{nxt:,} tokens: the host cannot hold every layer's input "
+                                                         f"({format_bytes(per_token * nxt / sp)} per rank)"}
+    else:
+        failed = best.get("fail", {}).get(nxt)
+        if failed is None and at(nxt) is None:
+            failed = best.get("fail", {}).get(nxt)
+        out["limit"] = dict(_limit(failed), seq_len=nxt) if failed is not None else {"kind": "", "detail": ""}
+    return out
 
 
 def _show_plan(args) -> int:
@@ -310,13 +510,20 @@ def _report(plan: dict) -> None:
     for t in plan.get("stages_tried", [])[:-1]:
         print(f"           stage {t['zero_stage']} would need {fb(t['device_peak_bytes'])} per GPU")
     print()
-    print(f"  {'memory per GPU':<44}{'bytes':>12}  live at peak")
+    print(f"  {'memory per GPU':<50}{'bytes':>12}  live at peak")
     for name, nbytes, live in memory_rows(plan):
-        print(f"  {name:<44}{fb(nbytes):>12}  {'yes' if live else ''}")
-    print(f"  {'planned step peak (Level 2)':<44}{fb(plan['step']['peak_bytes']):>12}  at "
+        print(f"  {name:<50}{fb(nbytes):>12}  {'yes' if live else ''}")
+    print(f"  {'planned step peak (Level 2)':<50}{fb(plan['step']['peak_bytes']):>12}  at "
           f"{plan['step']['step_labels'][plan['step']['peak_step']]}")
-    print(f"  {'device peak (step + reserve)':<44}{fb(pr['device_peak_bytes']):>12}  of {fb(gpu['memory_bytes'])}")
-    print(f"  {'host, per node':<44}{fb(pr['host_bytes']):>12}  of {fb(plan['host_memory_bytes'])}")
+    print(f"  {'device peak (step + reserve)':<50}{fb(pr['device_peak_bytes']):>12}  of {fb(gpu['memory_bytes'])}")
+    if "activation_peak_bytes" in pr:
+        print(f"  {'  of which activations (no model states)':<50}{fb(pr['activation_peak_bytes']):>12}")
+    hmin = pr.get("host_bytes_min")
+    print(f"  {'host, per node (this plan)':<50}{fb(pr['host_bytes']):>12}  of {fb(plan['host_memory_bytes'])}")
+    if "host_bytes_min" in pr:
+        least = ("no mix of layer policies fits the device" if hmin is None else
+                 f"{_policy_text(pr['host_bytes_min_policies'])}, slower")
+        print(f"  {'host, per node (least this job needs)':<50}{fb(hmin) if hmin is not None else '-':>12}  ({least})")
     print()
     print(f"  {'layout':<18}{'peak':>12}{'lower bound':>14}{'gap':>8}{'greedy':>12}{'MIP gap':>9}{'solve':>8}")
     for name, lay in (("layer forward", plan["layer"]["forward"]), ("layer backward", plan["layer"]["backward"]),
@@ -324,22 +531,60 @@ def _report(plan: dict) -> None:
         mg = "-" if lay["mip_gap"] is None else f"{lay['mip_gap']:.2%}"
         print(f"  {name:<18}{fb(lay['peak_bytes']):>12}{fb(lay['lower_bound_bytes']):>14}{lay['gap']:>8.2%}"
               f"{fb(lay['greedy_peak_bytes']):>12}{mg:>9}{lay['solve_s']:>7.1f}s")
+    if plan.get("mip"):
+        print(f"  MIP: {plan['mip']}")
     sw, ad, t = plan["swap"], plan["alpha_detail"], pr["times"]
     print()
-    print(f"alpha:     {plan['alpha']:.3f}  ({ad['reason']}; copy-time bound {ad['time_bound']:.3f}, host bound "
-          f"{ad['memory_bound']:.3f})")
-    print(f"           per layer: swap {fb(sw['swapped_bytes_per_layer'])} (input {fb(sw['layer_input_bytes'])}, "
+    if "layer_policies" in plan:
+        tile = plan.get("tile_tokens")
+        chosen = "chosen" if plan.get("keep_layers_chosen") else "--keep-layers"
+        ps = plan.get("policy_search", {})
+        print(f"layers:    {_policy_text(plan['layer_policies'])} (keep {plan['keep_layers']}: {chosen}; the fastest "
+              f"of {ps.get('considered', '?')} mixes, {ps.get('fitting', '?')} fit); MLP "
+              f"{'tile ' + format(tile, ',') + ' tokens' if tile else 'untiled'}")
+    if sw.get("memo_layers", 1):
+        print(f"alpha:     {plan['alpha']:.3f}  ({ad['reason']}; copy-time bound {ad['time_bound']:.3f}, host bound "
+              f"{ad['memory_bound']:.3f})")
+    else:
+        print("alpha:     - (no 'memo' layers)")
+    print(f"           per 'memo' layer: swap {fb(sw['swapped_bytes_per_layer'])} (input {fb(sw['layer_input_bytes'])}, "
           f"attention {fb(sw['attention_output_bytes'])}, {plan['alpha']:.3f} of {fb(sw['other_bytes'])} other), "
-          f"recompute {fb(sw['recomputed_bytes_per_layer'])}; {sw['swapped_layers']} layers swapped")
+          f"recompute {fb(sw['recomputed_bytes_per_layer'])}; per 'input' layer: swap "
+          f"{fb(sw.get('input_swapped_bytes_per_layer', sw['layer_input_bytes']))}")
     exposed = "hidden" if t["copy_exposed_s"] == 0 else f"{t['copy_exposed_s']:.1f} s exposed per step"
     print(f"predicted: step {pr['step_time_s']:.1f} s, MFU {pr['mfu']:.1%}; per layer forward "
-          f"{t['layer_forward_s']:.2f} s, backward {t['layer_backward_s']:.2f} s, recompute {t['layer_recompute_s']:.2f} s; copy "
+          f"{t['layer_forward_s']:.2f} s, backward {t['layer_backward_s']:.2f} s; copy "
           f"{t['copy_out_s']:.2f} s each way ({exposed})")
+    if "recompute_per_step_s" in t:
+        print(f"           recompute per step {t['recompute_per_step_s']:.1f} s: 'memo' layers "
+              f"{t['layer_recompute_s']:.2f} s each, 'input' layers {t['layer_input_recompute_s']:.2f} s each "
+              f"(attention again), tiled MLP {t['mlp_recompute_s']:.2f} s per layer")
     print(_sp_comm_line(plan))
-    if plan.get("max_seq_len") is not None:
-        stage = "the same ZeRO stage" if not plan.get("zero_stage_chosen") else "any ZeRO stage"
-        print(f"max length: {plan['max_seq_len']:,} tokens fit on this cluster (greedy layouts, {stage}, same options)")
+    search = plan.get("max_seq_len_search")
+    if search is not None:
+        o = search.get("options")
+        if o:
+            print(f"max length: {search['max_seq_len']:,} tokens fit on this cluster with ZeRO stage {o['zero_stage']}"
+                  f"{', optimizer offloaded' if o['offload_optimizer'] else ', optimizer on the GPUs'}, "
+                  f"{_count_text(o['policy_counts'])}, MLP {'tile ' + format(o['tile_tokens'], ',') if o['tile_tokens'] else 'untiled'}: "
+                  f"step {o['step_time_s']:.1f} s, MFU {o['mfu']:.1%} (greedy layouts)")
+        else:
+            print("max length: no length fits this cluster")
+        lim = search.get("limit", {})
+        if lim.get("kind"):
+            print(f"           limited by {lim['kind']} at {lim.get('seq_len', 0):,} tokens: {lim['detail']}")
+    elif plan.get("max_seq_len") is not None:
+        print(f"max length: {plan['max_seq_len']:,} tokens fit on this cluster (greedy layouts)")
     print(f"fits:      {'yes' if plan['fits'] else 'NO: ' + '; '.join(plan['reasons'])}")
+
+
+def _count_text(counts: dict) -> str:
+    parts = [f"{counts[p]} {p}" for p in ("memo", "input", "kept") if counts.get(p)]
+    return " + ".join(parts) + " layers"
+
+
+def _policy_text(policies: list) -> str:
+    return _count_text({p: policies.count(p) for p in ("memo", "input", "kept")})
 
 
 def _sp_backend(plan: dict) -> str:
