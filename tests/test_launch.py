@@ -52,7 +52,7 @@ def test_dry_run_prints_the_argument_list_the_variables_and_accelerates_part(cap
     assert code == 0, err
     plan = json.loads(out)
     cmd = plan["command"]
-    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[:3] == [sys.executable, "-m", "memo.cli.accelerate_run"]   # NOTE [ The job's exit code ]
     assert cmd[cmd.index("--config_file") + 1] == "<temporary accelerate config>"
     assert cmd[-len(TRICKY) - 1:] == [PROBE, *TRICKY], "script arguments must pass as separate, untouched items"
     assert "--multi_gpu" in cmd and plan["env"]["ACCELERATE_USE_CPU"] == "true"   # NOTE [ Multi-CPU on one machine ]
@@ -165,13 +165,71 @@ def test_launching_the_example_config_runs_two_sequence_parallel_processes(tmp_p
     assert tmp_config and not os.path.exists(tmp_config.group(1)), "the temporary accelerate config must be removed"
 
 
-def test_a_failing_script_fails_the_launch(tmp_path):
+def test_a_failing_script_fails_the_launch_with_its_exit_code(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text("import sys; sys.exit(3)\n")
     path = _write(tmp_path, {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "num_processes": 1,
                              "mixed_precision": "no", "use_cpu": True, "memo": {"swap_ratio": 0.5}})
     run = _memo_launch("--config_file", path, str(script))
-    assert run.returncode != 0, run.stderr[-2000:]
+    assert run.returncode == 3, run.stderr[-2000:]
+
+
+def test_a_rank_that_fails_gives_the_job_its_exit_code(tmp_path):
+    """NOTE [ The job's exit code ]: rank 1 exits 3 (Accelerate alone exits 1), rank 0 exits 0."""
+    script = tmp_path / "rank1_fails.py"
+    script.write_text("import os, sys\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    run = _memo_launch("--config_file", EXAMPLE, str(script))
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert "exit code 3" in run.stderr
+
+
+def _bomb(levels: int = 9) -> str:
+    """A YAML alias bomb: 9 ** 9 (387 million) strings from a 300-byte file."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\nnum_processes: 2\n"
+
+
+@pytest.mark.parametrize("content, words", [
+    (_bomb(), ["expands to more than 100000 values", "YAML aliases"]),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", ["is not UTF-8 text", "byte 0x89 at offset 0"]),
+    ("# padding\n" * 200_000, ["is larger than 1048576 bytes"]),
+    ("[" * 50_000, ["nest"]),   # libyaml: "exceeded maximum nesting depth"; PyYAML: RecursionError
+    (yaml.safe_dump({**_config(), "num_processes": 1_000_000_000_001}), ["num_processes=1000000000001",
+                                                                          "from 1 to 1048576"]),
+    (yaml.safe_dump({**_config(sequence_parallel_size=2), "num_processes": 1_048_573}),
+     ["sequence_parallel_size=2 does not divide num_processes=1048573", "one of [1, 1048573]"]),
+])
+def test_absurd_config_files_are_refused_quickly_in_bounded_memory(tmp_path, capsys, no_process, content, words):
+    import time
+    import tracemalloc
+    path = tmp_path / "absurd.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        code = main(["launch", "--config_file", str(path), "--dry-run", "--json", PROBE])
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert code == 2 and not no_process, err
+    assert str(path) in err, err
+    for w in words:
+        assert w in err, err
+    assert seconds < 10, f"took {seconds:.1f} s"
+    assert peak < 64 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MiB"
+
+
+def test_a_script_that_is_a_directory_is_reported_as_one(tmp_path, capsys, no_process):
+    assert main(["launch", "--config_file", EXAMPLE, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "does not exist" not in err, err
 
 
 @pytest.fixture(scope="module")

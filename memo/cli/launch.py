@@ -8,7 +8,24 @@ section (unknown key, wrong type, a sequence-parallel size that does not divide 
 refused with exit code 2 before any process starts), writes the rest to a temporary file for
 Accelerate, exports the settings as ``MEMO_*`` variables (``MemoPlugin()`` reads them in every
 process) and runs ``accelerate launch --config_file TMP train.py ARGS`` as an argument list, never
-through a shell. The exit code is the job's.
+through a shell. The exit code is the job's: that of the first rank that failed (NOTE [ The job's
+exit code ]).
+
+# NOTE [ Bounded config files ]
+#
+# 1. A config file is read as at most MAX_CONFIG_BYTES bytes of UTF-8; a larger or binary file is
+#    refused by name before YAML parses it.
+# 2. YAML aliases share one object, so a small file can describe an enormous tree (an alias bomb)
+#    that copying, printing or dumping would expand. After parsing, memo walks the tree counting
+#    every value as often as it is reached and refuses it past MAX_CONFIG_VALUES, in bounded time.
+# 3. ``num_processes`` is at most MAX_PROCESSES; divisors are found up to its square root.
+
+# NOTE [ The job's exit code ]
+#
+# 1. ``accelerate launch`` exits 1 when a rank fails (torch.distributed.run raises
+#    ChildFailedError; one process raises CalledProcessError), whatever the rank's code.
+# 2. memo runs it through ``python -m memo.cli.accelerate_run``, which calls Accelerate's own
+#    ``main()`` and exits with the first failed rank's code (128 + N for a rank killed by signal N).
 
 # NOTE [ Multi-CPU on one machine ]
 #
@@ -24,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -33,6 +51,10 @@ import tempfile
 from typing import Optional
 
 from memo.errors import MemoError
+
+MAX_CONFIG_BYTES = 1 << 20        # an accelerate config is a few hundred bytes; 1 MiB is generous
+MAX_CONFIG_VALUES = 100_000       # values in the parsed tree, each counted as often as aliases reach it
+MAX_PROCESSES = 1 << 20           # more ranks than any machine room holds
 
 
 def launch_command_parser(subparsers) -> None:
@@ -51,14 +73,54 @@ def launch_command_parser(subparsers) -> None:
 
 
 def accelerate_cli() -> list[str]:
-    """How to run ``accelerate launch`` from this Python: its module, or the console script beside it."""
+    """How to run ``accelerate launch`` from this Python: memo's runner of its module (NOTE [ The job's
+    exit code ]), or the console script beside it."""
     import importlib.util
     if importlib.util.find_spec("accelerate.commands.launch") is not None:
-        return [sys.executable, "-m", "accelerate.commands.launch"]
+        return [sys.executable, "-m", "memo.cli.accelerate_run"]
     script = os.path.join(os.path.dirname(sys.executable), "accelerate")
     if os.path.isfile(script):
         return [script, "launch"]
     raise MemoError("memo.launch: Accelerate is not installed for " + sys.executable + "; pip install accelerate")
+
+
+def _read_text(path: str) -> str:
+    """NOTE [ Bounded config files ] rule 1."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise MemoError(f"memo.launch: cannot read --config_file {path!r} ({e.strerror}); pass an accelerate "
+                        f"config YAML (see examples/accelerate/memo_cpu.yaml)") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise MemoError(f"memo.launch: {path} is larger than {MAX_CONFIG_BYTES} bytes; an accelerate config is a "
+                        f"few hundred bytes: pass the config file, not another file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MemoError(f"memo.launch: {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): not "
+                        f"a YAML config; pass an accelerate config YAML") from e
+
+
+def _check_size(data, path: str) -> None:
+    """NOTE [ Bounded config files ] rule 2: at most MAX_CONFIG_VALUES values, aliases counted each time."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise MemoError(f"memo.launch: {path} expands to more than {MAX_CONFIG_VALUES} values (YAML aliases "
+                            f"repeating one another); an accelerate config has a few dozen: write it out plainly")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def read_config(path: str) -> tuple[dict, dict]:
@@ -66,29 +128,28 @@ def read_config(path: str) -> tuple[dict, dict]:
     import yaml
 
     from memo.integrations.accelerate import check_settings
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise MemoError(f"memo.launch: cannot read --config_file {path!r} ({e.strerror}); pass an accelerate "
-                        f"config YAML (see examples/accelerate/memo_cpu.yaml)") from e
+    text = _read_text(path)
+    try:   # libyaml when present: faster, and it bounds nesting itself
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise MemoError(f"memo.launch: {path} is not valid YAML ({e}); fix the file") from e
+    except RecursionError as e:
+        raise MemoError(f"memo.launch: {path} nests too deeply to be an accelerate config; fix the file") from e
+    _check_size(data, path)
     if not isinstance(data, dict):
         raise MemoError(f"memo.launch: {path} must hold a mapping of accelerate settings (compute_environment, "
                         f"num_processes, ...) and a `memo:` section, got {type(data).__name__}")
     data = dict(data)
     settings = check_settings(data.pop("memo", None), where="memo")
     processes = data.get("num_processes", 1)
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise MemoError(f"memo.launch: num_processes={processes!r} in {path} must be an integer >= 1 (all processes "
-                        f"of the job, over all machines)")
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= MAX_PROCESSES:
+        raise MemoError(f"memo.launch: num_processes={processes!r} in {path} must be an integer from 1 to "
+                        f"{MAX_PROCESSES} (all processes of the job, over all machines)")
     sp = settings.get("sequence_parallel_size", 1)
     if processes % sp:
-        divisors = [d for d in range(1, processes + 1) if processes % d == 0]
         raise MemoError(f"memo.launch: memo.sequence_parallel_size={sp} does not divide num_processes={processes} in "
-                        f"{path}; set memo.sequence_parallel_size to one of {divisors}, or num_processes to a "
-                        f"multiple of {sp}")
+                        f"{path}; set memo.sequence_parallel_size to one of {_divisors(processes)}, or num_processes "
+                        f"to a multiple of {sp}")
     if settings.get("plan") and not os.path.isabs(settings["plan"]):
         settings["plan"] = os.path.abspath(settings["plan"])   # the script may change directory
     return data, settings
@@ -136,7 +197,14 @@ def plan_launch(config: dict, settings: dict, config_path: str, script: str, scr
     from memo.integrations.accelerate import settings_env
     cmd = accelerate_cli() + ["--config_file", config_path]
     env = settings_env(settings)
-    if _multi_cpu_one_machine(config):   # NOTE [ Multi-CPU on one machine ] rule 2
+    if _multi_cpu_one_machine(config):   # NOTE [ The job's exit code ]
+#
+# 1. ``accelerate launch`` exits 1 when a rank fails (torch.distributed.run raises
+#    ChildFailedError; one process raises CalledProcessError), whatever the rank's code.
+# 2. memo runs it through ``python -m memo.cli.accelerate_run``, which calls Accelerate's own
+#    ``main()`` and exits with the first failed rank's code (128 + N for a rank killed by signal N).
+
+# NOTE [ Multi-CPU on one machine ] rule 2
         cmd.append("--multi_gpu")
         env["ACCELERATE_USE_CPU"] = "true"
     cmd += [script, *script_args]
@@ -161,6 +229,9 @@ def launch_command(args) -> int:
     try:
         config, settings = read_config(args.config_file)
         deepspeed = deepspeed_from_plan(config, settings)
+        if os.path.isdir(args.script):
+            raise MemoError(f"memo.launch: script {args.script!r} is a directory; pass the path of a training script "
+                            f"(a .py file)")
         if not os.path.isfile(args.script):
             raise MemoError(f"memo.launch: script {args.script!r} does not exist; pass the path of a training script")
         if args.dry_run:
