@@ -97,3 +97,45 @@ def test_schema_violations_are_refused(tmp_path):
             load_plan(str(path))
     with pytest.raises(PlanFileError, match="cannot read plan file"):
         load_plan(str(tmp_path / "missing.json"))
+
+
+POLICIES = ["input"] * 5 + ["memo"] * 25 + ["kept"] * 2       # MODEL has 32 layers
+
+
+def test_layer_policies_and_tile_round_trip(tmp_path):
+    from memo.planner.planfile import plan_layer_policies, plan_tile_tokens
+    path = tmp_path / "plan.json"
+    write_plan(str(path), dict(_plan(), layer_policies=POLICIES, keep_layers=2, tile_tokens=9216))
+    plan = load_plan(str(path))
+    assert plan_layer_policies(plan) == POLICIES and plan_tile_tokens(plan) == 9216
+    write_plan(str(path), dict(_plan(), layer_policies=["memo"] * 32, keep_layers=0, tile_tokens=None))
+    plan = load_plan(str(path))
+    assert plan_layer_policies(plan) == ["memo"] * 32 and plan_tile_tokens(plan) is None
+
+
+def test_plan_without_policies_reads_as_memo_and_kept_untiled(tmp_path):
+    from memo.planner.planfile import plan_layer_policies, plan_tile_tokens
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(dict(_plan(), keep_layers=3)))      # written before the fields existed
+    plan = load_plan(str(path))
+    assert plan_layer_policies(plan) == ["memo"] * 29 + ["kept"] * 3 and plan_tile_tokens(plan) is None
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"layer_policies": POLICIES[:-1]}, "one policy for each of the model's 32 layers"),
+    ({"layer_policies": "memo"}, "one policy for each of the model's 32 layers"),
+    ({"layer_policies": ["memo"] * 31 + ["swap"]}, "holds 'swap', not one of memo, input, kept"),
+    ({"layer_policies": ["kept"] + ["memo"] * 31}, "\"kept\" layers before swapped ones"),
+    ({"layer_policies": POLICIES, "keep_layers": 3}, "keeps 2 layers, keep_layers says 3"),
+    ({"keep_layers": 33}, "keep_layers 33 is not an int in \\[0, 32\\]"),
+    ({"tile_tokens": 0}, "tile_tokens 0 is neither null"),
+    ({"tile_tokens": "auto"}, "tile_tokens 'auto' is neither null"),
+    ({"tile_tokens": True}, "tile_tokens True is neither null"),
+])
+def test_bad_policies_and_tile_refused(tmp_path, fields, match):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(dict(_plan(), **fields)))
+    with pytest.raises(PlanFileError, match=match):
+        load_plan(str(path))
+    with pytest.raises(PlanFileError, match=match):
+        write_plan(str(tmp_path / "out.json"), dict(_plan(), **fields))
