@@ -402,6 +402,10 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
             error = e
     _agree(error, f"preparing {path}")
 
+    def remove_tmp() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     try:   # rule 2
         enc = _Encoder()
         mine = {"rank": rank, "rng": enc(rng_state(), "rng"), "data_state": enc(data_state, "data_state")}
@@ -422,9 +426,6 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
         error = None
     except Exception as e:   # any failure must reach the agreement below, or the other ranks would wait
         error = e
-    def remove_tmp() -> None:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
     _agree(error, f"writing the checkpoint of step {step} into {tmp}", on_failure=remove_tmp)
 
     name = None
@@ -433,7 +434,8 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
             name = _commit(path, step, keep, listed)
         except OSError as e:
             error = e
-    _agree(error, f"committing the checkpoint of step {step} in {path}")
+    _agree(error, f"committing the checkpoint of step {step} in {path}",
+           "load_checkpoint reads the last checkpoint whose commit finished")
     return latest_checkpoint(path) if name is None else os.path.join(path, name)
 
 
@@ -447,15 +449,15 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     ``save_checkpoint``).
     """
     from memo.integrations import checkpoint_checks as checks
-    directory = latest_checkpoint(path)
     module = _plain_module(model)
     rank, world = _rank_world()
     error, loaded = None, None
     try:
-        loaded = checks.read_and_check(directory, module, optimizer, scheduler, rank, world)
+        loaded = checks.read_and_check(latest_checkpoint(path), module, optimizer, scheduler, rank, world)
     except MemoError as e:
         error = e
-    _agree(error, f"checking {directory}", "nothing was loaded")   # every rank checked its files before any rank changes anything
+    # Every rank has checked its files before any rank changes anything (NOTE [ Checked loads ] rule 1).
+    _agree(error, f"checking the checkpoint in {path}", "nothing was loaded")
     checks.apply(loaded, module, optimizer, scheduler)
     set_rng_state(loaded.rng)   # last: nothing after it may draw random numbers
     return {"step": loaded.step, "data_state": loaded.data_state}

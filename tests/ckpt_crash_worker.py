@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import shutil
 import signal
@@ -172,7 +171,6 @@ def run(trial: dict, template: str) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    random.seed(0)
     trials = json.load(sys.stdin)
     template = os.path.join(os.path.dirname(trials[0]["root"]), "template")
     prepare(template)

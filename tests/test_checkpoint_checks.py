@@ -47,7 +47,8 @@ def _live(optimizer="adamw"):
 
 def _snapshot(model, opt, sched):
     return ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict()),
-            copy.deepcopy(sched.state_dict()), torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+            copy.deepcopy(sched.state_dict()), torch.get_rng_state(), random.getstate(),
+            np.random.get_state()[1].copy())
 
 
 def _same(a, b) -> bool:
