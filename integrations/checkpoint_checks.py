@@ -173,7 +173,7 @@ def check_optimizer(optimizer, saved: Any, saved_class: Any, file: str) -> None:
     if saved_class is not None and saved_class not in (class_name(optimizer), class_name(inner)):
         raise _fail(file, "optimizer_class", f"is {saved_class!r}: the optimizer state in {file} does not fit this "
                     f"optimizer ({class_name(inner)})", fix)
-    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+    if not isinstance(saved, dict) or not {"state", "param_groups"} <= set(saved):
         raise _fail(file, "optimizer", "is not an optimizer state_dict (keys 'state' and 'param_groups')", fix)
     groups, live_groups = saved["param_groups"], optimizer.state_dict()["param_groups"]
     if not isinstance(groups, list) or len(groups) != len(live_groups):
@@ -239,7 +239,8 @@ def check_scheduler(scheduler, saved: Any, saved_class: Any, file: str) -> None:
     if saved_class is not None and saved_class != class_name(scheduler):
         raise _fail(file, "scheduler_class", f"is {saved_class!r}, this scheduler a {class_name(scheduler)}", fix)
     live = scheduler.state_dict()
-    if not isinstance(saved, dict) or set(saved) != set(live):
+    # Private bookkeeping keys (``_is_initial``) come and go with torch versions: they may be absent.
+    if not isinstance(saved, dict) or set(saved) - set(live) or {k for k in live if not k.startswith("_")} - set(saved):
         keys = sorted(saved) if isinstance(saved, dict) else repr(saved)
         raise _fail(file, "scheduler", f"has keys {keys}, this scheduler's state {sorted(live)}", fix)
     for key in ("last_epoch", "_step_count"):
