@@ -56,9 +56,22 @@ def test_human_report(capsys):
                           "--host-memory", "1TiB", "--zero-stage", "3", "--max-seq-len", *FAST)
     assert code == 0, err
     for text in ("memory per GPU", "device peak", "alpha:", "predicted: step", "MFU", "max length:", "fits:      yes",
-                 "layer forward", "stage 3"):
-        assert text in out
+                 "layer forward", "stage 3", "layers:    ", "MLP tile", "host, per node (least this job needs)",
+                 "of which activations (no model states)", "recompute per step", "limited by device arena at"):
+        assert text in out, text
     assert "profiled one llama layer" in err
+
+
+def test_help_names_the_required_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    group = out[out.index("required (unless --from-plan):"):]
+    group = group.split("\n\n")[0]
+    for flag in ("--model", "--seq-len", "--host-memory"):
+        assert flag in group
+    for flag in ("--tile-tokens", "--keep-layers", "--policy"):
+        assert flag in out and flag not in group
 
 
 M7 = ["--model", "memo-paper-7b", "--host-memory", "2TiB"]
@@ -156,3 +169,30 @@ def test_unsupported_layer_exits_2(capsys, tmp_path):
                           *FAST)
     assert code == 2 and "cannot run a mixtral decoder layer under FakeTensorMode" in err
     assert err.rstrip().endswith("use one of those or a preset")
+
+
+def test_tiny_llama_activation_peak_tiled_and_untiled(capsys, tmp_path):
+    """Issue 14 item 4's planner side: a Llama whose MLP is 8x its hidden size at 8K tokens, fp32,
+    swap ratio 0, no kept layer, MEMO's policy everywhere (what a run without a plan does at a fixed
+    ratio), tile 1024 and untiled. ``predicted.activation_live_peak_bytes`` leaves out weights,
+    gradients and optimizer states, and counts live bytes as a count of live storages does."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 2048,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 1024}))
+    peaks = {}
+    for tile in ("1024", "none"):
+        code, out, err = _run(capsys, "--model", str(cfg), "--seq-len", "8192", "--gpus", "1", "--sp", "1",
+                              "--dtype", "fp32", "--swap-ratio", "0", "--keep-layers", "0", "--tile-tokens", tile,
+                              "--policy", "memo", "--host-memory", "64GiB", "--json", "--no-mip")
+        assert code == 0, err
+        plan = json.loads(out)
+        assert plan["layer_policies"] == ["memo", "memo"] and plan["alpha"] == 0.0 and plan["keep_layers"] == 0
+        assert plan["tile_tokens"] == (1024 if tile == "1024" else None)
+        pr = plan["predicted"]
+        states = plan["model_states"]["device_total"]
+        assert pr["activation_live_peak_bytes"] <= pr["activation_peak_bytes"] <= plan["step"]["peak_bytes"]
+        assert plan["step"]["peak_bytes"] - pr["activation_peak_bytes"] <= states
+        peaks[tile] = pr["activation_live_peak_bytes"]
+    # The MLP's intermediates (8x hidden) one tile at a time: well under half the untiled peak.
+    assert peaks["1024"] < 0.45 * peaks["none"]
