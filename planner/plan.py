@@ -61,6 +61,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
 from .policies import MAX_KEEP, LayerSizes, Mix, choose, enumerate_mixes, least_host
+from .search import max_fitting_seq_len, max_fitting_seq_len_interp  # noqa: F401  (re-exported)
 from .cost import DTYPE_BYTES, GPUProfile, SPDegrees, model_state_bytes, sp_degrees, step_time
 from .presets import layer_parameters, model_parameters
 from .dsa import ProgressFn, align_allocs, solve_layout
@@ -418,91 +419,6 @@ def plan_for_stages(ctx: PlanContext, stage: Optional[int]) -> tuple[dict, list[
         if plan["fits"]:
             return plan, tried
     return tried[-1], tried
-
-
-def max_fitting_seq_len(fits_at: Callable[[int], bool], *, start: int, granularity: int,
-                        upper: int = 1 << 27) -> int:
-    """Largest multiple of ``granularity`` for which ``fits_at`` holds (0 when even the smallest
-    does not), by doubling from ``start`` and bisecting. Assumes fit is monotone in length."""
-    g = granularity
-    lo, hi = 0, None
-    s = max(g, start // g * g)
-    while s <= upper:
-        if fits_at(s):
-            lo = s
-            s *= 2
-        else:
-            hi = s
-            break
-    if hi is None:
-        return lo
-    if lo == 0:
-        # Nothing fitted yet: search downwards.
-        s = hi // 2 // g * g
-        while s >= g and not fits_at(s):
-            hi, s = s, s // 2 // g * g
-        if s < g:
-            return 0
-        lo = s
-    while hi - lo > g:
-        mid = (lo + hi) // 2 // g * g
-        if mid <= lo:
-            break
-        if fits_at(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def max_fitting_seq_len_interp(evaluate: Callable[[int], tuple[bool, float]], *, start: int, granularity: int,
-                               upper: int = 1 << 27, max_evals: int = 40) -> int:
-    """Largest multiple of ``granularity`` in ``[granularity, upper]`` that fits, where
-    ``evaluate(s)`` is ``(fits, excess)`` and ``excess`` (how far from fitting: > 0 does not fit,
-    <= 0 fits) is close to linear in ``s``. Like ``max_fitting_seq_len`` but proposes each length
-    by linear interpolation of ``excess`` between the two nearest lengths tried (bisection when that
-    does not narrow the bracket), so a few evaluations suffice. Assumes fit is monotone in length."""
-    g = granularity
-    upper = upper // g * g
-    if upper < g:
-        return 0
-    seen: dict[int, tuple[bool, float]] = {}
-
-    def ev(s: int) -> tuple[bool, float]:
-        if s not in seen:
-            seen[s] = evaluate(s)
-        return seen[s]
-
-    def snap(x: float) -> int:
-        return min(max(g, int(x) // g * g), upper)
-
-    lo, hi = 0, upper + g           # fits at lo (0: none yet), not at hi
-    s = snap(start)
-    prev = None
-    while hi - lo > g and len(seen) < max_evals:
-        fits, excess = ev(s)
-        if fits:
-            lo = max(lo, s)
-        else:
-            hi = min(hi, s)
-        if hi - lo <= g:
-            break
-        # Propose the root of the line through the last two points, kept strictly inside (lo, hi).
-        guess = None
-        if prev is not None and prev[0] != s and excess != prev[1]:
-            guess = s - excess * (s - prev[0]) / (excess - prev[1])
-        elif excess != 0:
-            guess = s * (2.0 if fits else 0.5)
-        prev = (s, excess)
-        nxt = snap(guess) if guess is not None else (lo + hi) // 2 // g * g
-        if fits and nxt == s:
-            nxt = s + g                     # the root is within one step: check the next length
-        if not lo < nxt < hi or nxt in seen:
-            nxt = (lo + hi) // 2 // g * g
-            if not lo < nxt < hi:
-                break
-        s = nxt
-    return lo if lo <= upper else 0
 
 
 def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:

@@ -316,41 +316,12 @@ def _plan(args) -> int:
     return 0
 
 
-def _limit(plan: dict) -> dict:
-    """What stops ``plan`` from fitting: ``{"kind": "weights and states" | "device arena" | "host memory" | "",
-    "detail": ...}``."""
-    if plan["fits"]:
-        return {"kind": "", "detail": ""}
-    gpu_mem = plan["gpu"]["memory_bytes"]
-    st = plan["model_states"]
-    if any(r.startswith("host") for r in plan["reasons"]):
-        return {"kind": "host memory", "detail": "; ".join(r for r in plan["reasons"] if r.startswith("host"))}
-    states = st["device_total"] + plan["reserve_bytes"]
-    if states >= gpu_mem:
-        return {"kind": "weights and states",
-                "detail": f"weights, gradients and optimizer states need {format_bytes(states)} per GPU with the "
-                          f"reserve, of {format_bytes(gpu_mem)}"}
-    live = plan["step"]["live_at_peak"]
-    arena = max((b for k, b in live.items() if k.endswith((".bwd", ".fwd"))), default=0)
-    state_live = sum(b for k, b in live.items() if k in ("weights", "gradients", "optimizer", "zero3_gather",
-                                                          "grads.rest") or k.endswith(".grad"))
-    other = plan["step"]["peak_bytes"] - arena - state_live
-    at = plan["step"]["step_labels"][plan["step"]["peak_step"]]
-    return {"kind": "device arena",
-            "detail": f"at {at}: layer arena {format_bytes(arena)} (backward {format_bytes(plan['layer']['backward']['peak_bytes'])}, "
-                      f"forward {format_bytes(plan['layer']['forward']['peak_bytes'])}) + model states "
-                      f"{format_bytes(state_live)} + swap/recompute/head blocks {format_bytes(other)} + reserve "
-                      f"{format_bytes(plan['reserve_bytes'])} = {format_bytes(plan['predicted']['device_peak_bytes'])} "
-                      f"of {format_bytes(gpu_mem)}",
-            "layer_arena_bytes": arena, "model_state_bytes": state_live, "other_bytes": other}
-
-
 def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: int, swap, granularity: int) -> dict:
     """The largest length that fits on this cluster with any ZeRO stage (or the one given), with or
     without optimizer offload, and the layer policies chosen at each length; the options used
     there and what limits the next length. Bounded: no length beyond what the host holds with
     every layer keeping only its input."""
-    from memo.planner.plan import max_fitting_seq_len_interp
+    from memo.planner.search import max_fitting_seq_len_interp, what_limits
     args = planner.args
     stage = args.zero_stage
     offloads = (False, True) if stage != 0 else (False,)
@@ -418,7 +389,7 @@ def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: i
         failed = best.get("fail", {}).get(nxt)
         if failed is None and at(nxt) is None:
             failed = best.get("fail", {}).get(nxt)
-        out["limit"] = dict(_limit(failed), seq_len=nxt) if failed is not None else {"kind": "", "detail": ""}
+        out["limit"] = dict(what_limits(failed), seq_len=nxt) if failed is not None else {"kind": "", "detail": ""}
     return out
 
 
