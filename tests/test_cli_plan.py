@@ -173,8 +173,8 @@ def test_unsupported_layer_exits_2(capsys, tmp_path):
 
 def test_tiny_llama_activation_peak_tiled_and_untiled(capsys, tmp_path):
     """Issue 14 item 4's planner side: a Llama whose MLP is 8x its hidden size at 8K tokens, fp32,
-    swap ratio 0, no kept layer, MEMO's policy everywhere (what a run without a plan does at a fixed
-    ratio), tile 1024 and untiled. ``predicted.activation_live_peak_bytes`` leaves out weights,
+    swap ratio 0, no kept layer, tile 1024 and untiled; MEMO's policy everywhere, the default with a
+    given --swap-ratio (what a run without a plan does at a fixed ratio). ``predicted.activation_live_peak_bytes`` leaves out weights,
     gradients and optimizer states, and counts live bytes as a count of live storages does."""
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 2048,
@@ -184,7 +184,7 @@ def test_tiny_llama_activation_peak_tiled_and_untiled(capsys, tmp_path):
     for tile in ("1024", "none"):
         code, out, err = _run(capsys, "--model", str(cfg), "--seq-len", "8192", "--gpus", "1", "--sp", "1",
                               "--dtype", "fp32", "--swap-ratio", "0", "--keep-layers", "0", "--tile-tokens", tile,
-                              "--policy", "memo", "--host-memory", "64GiB", "--json", "--no-mip")
+                              "--host-memory", "64GiB", "--json", "--no-mip")   # --policy: memo at a given ratio
         assert code == 0, err
         plan = json.loads(out)
         assert plan["layer_policies"] == ["memo", "memo"] and plan["alpha"] == 0.0 and plan["keep_layers"] == 0

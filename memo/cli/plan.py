@@ -55,10 +55,11 @@ def plan_command_parser(subparsers) -> None:
     p.add_argument("--keep-layers", type=int, default=None,
                    help="last layers kept on the device (default: the planner chooses 0..4 with the layer "
                         "policies, 0 when memory-bound)")
-    p.add_argument("--policy", default="auto", choices=["auto", "memo", "input"],
-                   help="layer policy of the swapped layers: auto (default: the planner mixes 'memo' and 'input' "
-                        "layers), memo (input + attention output + alpha of the rest on the host) or input "
-                        "(only the input on the host, attention recomputed)")
+    p.add_argument("--policy", default=None, choices=["auto", "memo", "input"],
+                   help="layer policy of the swapped layers: auto (the planner mixes 'memo' and 'input' layers; "
+                        "the default with --swap-ratio auto), memo (input + attention output + alpha of the rest on "
+                        "the host; the default with a given --swap-ratio, as the runtime runs a fixed ratio without "
+                        "a plan) or input (only the input on the host, attention recomputed)")
     p.add_argument("--tile-tokens", default="auto",
                    help="MLP token tile, as MemoConfig.tile_tokens: auto (default: the runtime's rule), none "
                         "(untiled) or a token count")
@@ -131,6 +132,8 @@ def _parse(args):
     if args.keep_layers is not None and args.keep_layers < 0:
         raise MemoError(f"memo.plan: --keep-layers {args.keep_layers} must be >= 0 (or left out: the planner chooses)")
     args.tile = _tile(args.tile_tokens)
+    if args.policy is None:   # NOTE [ Layer policies ] rule 2 in memo/executor.py: what the runtime would run
+        args.policy = "auto" if args.swap_ratio == "auto" else "memo"
     swap = args.swap_ratio
     if swap != "auto":
         try:
