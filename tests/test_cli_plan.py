@@ -196,3 +196,21 @@ def test_tiny_llama_activation_peak_tiled_and_untiled(capsys, tmp_path):
         peaks[tile] = pr["activation_live_peak_bytes"]
     # The MLP's intermediates (8x hidden) one tile at a time: well under half the untiled peak.
     assert peaks["1024"] < 0.45 * peaks["none"]
+
+
+def test_host_bound_job_names_the_least_host_memory(capsys):
+    """8 GiB of host per rank cannot hold 28 layer inputs of 1 GiB at 1M tokens over 8 ranks: the
+    report names the host as the limit, the least host memory that runs the job, and the longest
+    length this host holds."""
+    code, out, err = _run(capsys, "--model", "llama3-8b", "--seq-len", "1M", "--gpus", "8", "--gpu", "h100",
+                          "--host-memory", "64GiB", "--json", "--no-mip")
+    assert code == 2
+    plan = json.loads(out)
+    assert not plan["fits"] and plan["reasons"][0].startswith("host memory")
+    # Least host: every swapped layer "input" (1 GiB each per rank), the most kept layers the GPU holds.
+    pr = plan["predicted"]
+    kept = pr["host_bytes_min_policies"].count("kept")
+    assert pr["host_bytes_min"] == 8 * (32 - kept) * (1 << 30) and kept >= 1
+    search = plan["max_seq_len_search"]
+    assert search["limit"]["kind"] == "host memory" and 0 < plan["max_seq_len"] < 1 << 20
+    assert "--host-memory" in err

@@ -324,6 +324,7 @@ def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: i
     without optimizer offload, and the layer policies chosen at each length; the options used
     there and what limits the next length. Bounded: no length beyond what the host holds with
     every layer keeping only its input."""
+    from memo.planner.policies import MAX_KEEP
     from memo.planner.search import max_fitting_seq_len_interp, what_limits
     args = planner.args
     stage = args.zero_stage
@@ -368,7 +369,8 @@ def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: i
 
     # Host bound: every layer keeping only its input (NOTE [ Policy choice ] rule 7) must fit.
     m = plan["model"]
-    per_token = m["layers"] * m["hidden"] * {"fp32": 4}.get(plan["dtype"], 2) * plan["micro_batch"]
+    on_host = m["layers"] - min(MAX_KEEP if args.keep_layers is None else args.keep_layers, m["layers"])
+    per_token = max(on_host, 1) * m["hidden"] * {"fp32": 4}.get(plan["dtype"], 2) * plan["micro_batch"]
     upper = max(granularity, int(host / plan["gpus_per_node"] / per_token * sp) // granularity * granularity)
     t0 = time.perf_counter()
     found = max_fitting_seq_len_interp(evaluate, start=min(seq_len, upper), granularity=granularity, upper=upper)
@@ -386,7 +388,7 @@ def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: i
                           "host_bytes_min": p["predicted"]["host_bytes_min"]}
     nxt = found + granularity
     if nxt > upper:
-        out["limit"] = {"kind": "host memory", "detail": f"{nxt:,} tokens: the host cannot hold every layer's input "
+        out["limit"] = {"kind": "host memory", "detail": f"{nxt:,} tokens: the host cannot hold the inputs of {on_host} layers "
                                                          f"({format_bytes(per_token * nxt / sp)} per rank)"}
     else:
         failed = best.get("fail", {}).get(nxt)
