@@ -214,3 +214,22 @@ def test_host_bound_job_names_the_least_host_memory(capsys):
     search = plan["max_seq_len_search"]
     assert search["limit"]["kind"] == "host memory" and 0 < plan["max_seq_len"] < 1 << 20
     assert "--host-memory" in err
+
+
+def test_given_swap_ratio_plans_the_run_without_a_plan(capsys, tmp_path):
+    """--swap-ratio N describes what the runtime runs at a fixed ratio without a plan: "memo" on every
+    swapped layer and MemoConfig's default kept layers; --swap-ratio auto lets the planner choose."""
+    from memo.config import MemoConfig
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 128}))
+    common = ["--model", str(cfg), "--seq-len", "64", "--gpus", "1", "--gpu", "a100-80g", "--host-memory", "64GiB",
+              "--dtype", "fp32", "--json", "--no-mip"]
+    keep = MemoConfig.keep_last_layers
+    code, out, err = _run(capsys, *common, "--swap-ratio", "0.25")
+    plan = json.loads(out)
+    assert plan["layer_policies"] == ["memo"] * (4 - keep) + ["kept"] * keep and not plan["keep_layers_chosen"]
+    code, out, err = _run(capsys, *common)
+    plan = json.loads(out)
+    assert plan["keep_layers_chosen"] and plan["layer_policies"] == ["kept"] * 4   # everything fits: keep all

@@ -54,7 +54,7 @@ def plan_command_parser(subparsers) -> None:
                                                         "alpha program)")
     p.add_argument("--keep-layers", type=int, default=None,
                    help="last layers kept on the device (default: the planner chooses 0..4 with the layer "
-                        "policies, 0 when memory-bound)")
+                        "policies, 0 when memory-bound; with a given --swap-ratio, MemoConfig's default 2)")
     p.add_argument("--policy", default=None, choices=["auto", "memo", "input"],
                    help="layer policy of the swapped layers: auto (the planner mixes 'memo' and 'input' layers; "
                         "the default with --swap-ratio auto), memo (input + attention output + alpha of the rest on "
@@ -132,8 +132,13 @@ def _parse(args):
     if args.keep_layers is not None and args.keep_layers < 0:
         raise MemoError(f"memo.plan: --keep-layers {args.keep_layers} must be >= 0 (or left out: the planner chooses)")
     args.tile = _tile(args.tile_tokens)
-    if args.policy is None:   # NOTE [ Layer policies ] rule 2 in memo/executor.py: what the runtime would run
-        args.policy = "auto" if args.swap_ratio == "auto" else "memo"
+    if args.swap_ratio != "auto":
+        # A given ratio describes a run without a plan: the runtime runs "memo" on every swapped layer
+        # (NOTE [ Layer policies ] rule 2 in memo/executor.py) and keeps its default last layers.
+        from memo.config import MemoConfig
+        args.policy = "memo" if args.policy is None else args.policy
+        args.keep_layers = MemoConfig.keep_last_layers if args.keep_layers is None else args.keep_layers
+    args.policy = args.policy or "auto"
     swap = args.swap_ratio
     if swap != "auto":
         try:
