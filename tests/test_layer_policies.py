@@ -154,5 +154,5 @@ def test_a_plan_for_another_layer_count_is_refused(mixed_plan, tmp_path):
     plan["layer_policies"] = ["memo", "kept"]
     bad = tmp_path / "plan.json"
     bad.write_text(json.dumps(plan))
-    with pytest.raises(memo.MemoError, match="layer_policies for 2 layers, the model has 4"):
+    with pytest.raises(memo.MemoError, match="one policy for each of the model's 4 layers"):
         memo.wrap(build("llama"), memo.MemoConfig(plan=str(bad), keep_last_layers=1, host_memory_budget="1GiB"))

@@ -50,7 +50,7 @@ def test_budget_too_small_is_refused_before_the_first_forward_with_the_budget_th
 def test_auto_budget_too_small_even_for_inputs():
     model = _wrap(build("llama"), swap_ratio="auto", host_memory_budget=4096)
     ids, _, labels = batch(1, 64)
-    with pytest.raises(MemoError, match="cannot hold the layer inputs"):
+    with pytest.raises(MemoError, match="cannot hold even the layer inputs"):
         model(input_ids=ids, labels=labels)
 
 
@@ -153,7 +153,7 @@ def test_stats_report_what_was_swapped_and_kept():
     lines = str(st).splitlines()
     assert lines[0] == f"memo: swap_ratio 0.250 (0.25); {st.swap_ratio_reason}"
     for layer, row in zip(st.layers, lines[2:7]):
-        assert row.split()[:2] == [str(layer.index), "yes" if layer.kept else "no"], row
+        assert row.split()[:2] == [str(layer.index), "kept" if layer.kept else "memo"], row
         assert format_bytes(layer.swapped_bytes) in row and format_bytes(layer.recomputed_bytes) in row, row
     assert lines[7].startswith("host pool: reserved ")
 
