@@ -239,7 +239,9 @@ class MemoRuntime:
         mask = call.kwargs.get("attention_mask")
         return (type(layer).__name__, getattr(layer, "attention_type", None), tuple(call.hidden_states.shape),
                 call.hidden_states.dtype, str(call.hidden_states.device), call.hidden_states.requires_grad,
-                None if mask is None else (tuple(mask.shape), mask.dtype))
+                None if mask is None else (tuple(mask.shape), mask.dtype),
+                # packed documents run memo's attention op, not SDPA's kernel (NOTE [ Packed documents ])
+                getattr(self.sp_binding, "doc", None) is not None)
 
     def _prepare(self, index: int, layer: torch.nn.Module, original: Callable, call: LayerCall) -> LayerTrace:
         key = self._trace_key(layer, call)

@@ -89,8 +89,11 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
         runtime.original_model_forward = model.forward
         model.forward = functools.partial(_causal_lm_forward, model, runtime)
     if runtime.sp is None:   # NOTE [ Grouped heads and the math path ] in memo/attention/sdpa.py
+        from memo.attention.hf import bind
         from memo.attention.sdpa import install as install_sdpa
+        from memo.parallel.groups import one_process
         runtime.original_attn_implementation = install_sdpa(model)
+        runtime.sp_binding = bind(layers, one_process())   # packed batches: NOTE [ Packed documents ]
     setattr(model, _ATTR, runtime)
     return model
 
@@ -114,7 +117,12 @@ def _decoder_stack_forward(runtime: MemoRuntime, *args, **kwargs):
     try:
         if runtime.sp is not None:
             kwargs = _sequence_parallel_call(runtime, args, kwargs)
-        return runtime.original_base_forward(*args, **kwargs)
+            return runtime.original_base_forward(*args, **kwargs)
+        from memo.attention.hf import packed_call
+        from memo.attention.sdpa import packed_forward
+        kwargs, packed = packed_call(runtime.sp_binding, args, kwargs)   # NOTE [ Packed documents ]
+        with packed_forward(packed):
+            return runtime.original_base_forward(*args, **kwargs)
     finally:
         runtime.end_forward()
 
@@ -135,8 +143,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     if runtime.sp is not None:
         from memo.attention.hf import uninstall
         uninstall(model, runtime.layers, runtime.original_attn_implementation)
-    elif runtime.original_attn_implementation is not None:
-        model.set_attn_implementation(runtime.original_attn_implementation)
+    else:
+        from memo.attention.hf import unbind
+        unbind(runtime.layers)
+        if runtime.original_attn_implementation is not None:
+            model.set_attn_implementation(runtime.original_attn_implementation)
     runtime.close()
     delattr(model, _ATTR)
     return model
@@ -332,7 +343,7 @@ def _sequence_parallel_call(runtime: MemoRuntime, args: tuple, kwargs: dict) -> 
     else:
         doc = (global_idx - positions).expand(b, s).contiguous()
     packed = doc is not None and bool((doc != 0).any())
-    mine = torch.tensor([b, s, int(packed), int(problem is None)], device=ref.device)
+    mine = torch.tensor([b, s, int(packed), int(problem is None), int(doc is not None)], device=ref.device)
     every = [g.cpu().tolist() for g in all_gather(sp, mine, "forward check")]
     if problem is not None:
         raise problem
@@ -344,6 +355,13 @@ def _sequence_parallel_call(runtime: MemoRuntime, args: tuple, kwargs: dict) -> 
         rows = "; ".join(f"rank {sp.ranks[i]}: batch {g[0]}, local length {g[1]}" for i, g in enumerate(every))
         raise MemoError(f"memo.wrap: the ranks of one sequence differ in batch or local length ({rows}); shard one "
                         f"batch with memo.parallel.shard_batch on every rank")
+    with_positions = [sp.ranks[i] for i, g in enumerate(every) if g[4]]
+    if with_positions and len(with_positions) != len(every):
+        raise MemoError(f"memo.wrap: position_ids were given on rank(s) {with_positions} only; give every rank of a "
+                        f"sequence-parallel group its shard (memo.parallel.shard_batch) or none")
+    if with_positions:   # NOTE [ Packed documents ] rule 4: the same error on every rank
+        from memo.parallel.documents import check_sharded
+        check_sharded(sp, positions.expand(b, s), global_idx, "memo.wrap")
     runtime.sp_binding.doc = doc if any(g[2] for g in every) else None
     return kwargs
 

@@ -59,18 +59,61 @@ def _register() -> None:
     AttentionInterface.register(NAME, memo_sp_attention)
 
 
-def install(model: torch.nn.Module, layers: list, sp: SequenceParallel) -> SPBinding:
-    """Route the attention of ``layers`` through memo's sequence-parallel op; returns the shared binding."""
-    _register()
+def bind(layers: list, sp: SequenceParallel) -> SPBinding:
+    """Give the attention modules of ``layers`` one shared binding (``memo_sp_attention`` reads it)."""
     binding = SPBinding(sp)
     for layer in layers:
         layer.self_attn._memo_sp = binding
+    return binding
+
+
+def unbind(layers: list) -> None:
+    for layer in layers:
+        if "_memo_sp" in layer.self_attn.__dict__:
+            del layer.self_attn._memo_sp
+
+
+def install(model: torch.nn.Module, layers: list, sp: SequenceParallel) -> SPBinding:
+    """Route the attention of ``layers`` through memo's sequence-parallel op; returns the shared binding."""
+    _register()
+    binding = bind(layers, sp)
     model.set_attn_implementation(NAME)
     return binding
 
 
 def uninstall(model: torch.nn.Module, layers: list, implementation: str) -> None:
-    for layer in layers:
-        if "_memo_sp" in layer.self_attn.__dict__:
-            del layer.self_attn._memo_sp
+    unbind(layers)
     model.set_attn_implementation(implementation)
+
+
+def packed_call(binding: SPBinding, args: tuple, kwargs: dict) -> tuple[dict, bool]:
+    """One process: this forward's documents from ``position_ids`` (NOTE [ Packed documents ]).
+
+    Sets ``binding.doc`` ((batch, seq) int64, or None when no row holds more than one document) and
+    returns the decoder stack's keyword arguments (a packed batch's attention_mask, checked, dropped)
+    and whether the batch is packed. While it is, the model's attention function (memo_sdpa) runs
+    memo's attention op on the documents and sdpa's mask builder makes no mask (memo.attention.sdpa).
+    """
+    from memo.parallel.documents import check_mask, check_rows, document_ids, is_packed
+    who = "memo.wrap"
+    binding.doc = None
+    positions = kwargs.get("position_ids")
+    ref = next((t for t in (kwargs.get("inputs_embeds"), kwargs.get("input_ids"), *args[:1]) if t is not None), None)
+    if positions is None or ref is None or positions.dim() != 2 or positions.shape[-1] != ref.shape[1]:
+        return kwargs, False   # unpacked, or arguments the model itself refuses
+    b, s = ref.shape[0], ref.shape[1]
+    positions = positions.expand(b, s)
+    check_rows(positions, who)
+    doc = document_ids(positions, torch.arange(s, device=positions.device), b)
+    if not is_packed(doc):
+        return kwargs, False
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if mask.dim() != 2:
+            raise MemoError(f"{who}: a {mask.dim()}-D attention_mask was given with packed position_ids (restarting at "
+                            f"0); use one of the two: position_ids alone to pack documents, or the mask with unpacked "
+                            f"rows")
+        check_mask(doc, mask, who)
+        kwargs = dict(kwargs, attention_mask=None)   # NOTE [ Packed documents ] rule 5
+    binding.doc = doc
+    return kwargs, True

@@ -12,10 +12,10 @@ one custom op with an autograd formula.
 #    chunks g and 2R-1-g): src < g: all queries vs the first half of the keys; src > g: the second
 #    half of the queries vs all keys; both full (non-causal) blocks of half the work. contiguous:
 #    src < g: all vs all; src > g: nothing. Not causal: every step is all vs all.
-# 3. With documents (packed sequences), each computed block is further masked to pairs in the same
-#    document (and, causal, key position <= query position); blocks with no allowed pair are
-#    skipped. A document is identified by its first token's global position (``doc``), which travels
-#    with the keys.
+# 3. With documents (packed sequences), each computed block splits into same-document sub-blocks
+#    and a block with no common document is skipped (NOTE [ Document blocks ] in
+#    memo/attention/documents.py); no mask is built. A document is identified by its first token's
+#    global position (``doc``), which travels with the keys.
 # 4. Forward: per-block (out, lse) are merged in fp32 (``merge_into``). Backward: every block's
 #    gradient uses the merged out and lse; dq stays on its rank, dk/dv accumulate in fp32 and travel
 #    with the block they belong to, so after R steps and one last exchange each rank holds the full
@@ -28,11 +28,10 @@ from typing import Optional
 
 import torch
 
-from memo.attention.kernels import acc_dtype, block_backward, block_forward, masked_value, merge_into, reduce_kv, \
-    repeat_kv
+from memo.attention.documents import doc_block_backward, doc_block_forward, doc_pairs
+from memo.attention.kernels import acc_dtype, block_backward, block_forward, merge_into, reduce_kv, repeat_kv
 from memo.parallel.comm import RingExchange
 from memo.parallel.groups import SequenceParallel
-from memo.parallel.layout import shard_indices
 
 _ALL = slice(None)
 
@@ -49,29 +48,15 @@ def select_block(layout: str, causal: bool, rank: int, src: int, s: int) -> Opti
     return (_ALL, _ALL, False) if src < rank else None
 
 
-def _doc_mask(doc_q, doc_k, pos_q, pos_k, causal: bool, dtype) -> Optional[torch.Tensor]:
-    """Additive mask (b, 1, sq, sk) for same-document pairs, or None when no pair is allowed."""
-    allowed = doc_q[:, :, None] == doc_k[:, None, :]
-    if causal:
-        allowed = allowed & (pos_q[:, None] >= pos_k[None, :])
-    if not bool(allowed.any()):
-        return None
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, masked_value(dtype)).unsqueeze(1)
-
-
 class _Blocks:
     """Block geometry shared by forward and backward of one call."""
 
-    def __init__(self, sp: SequenceParallel, s: int, causal: bool, doc, device) -> None:
+    def __init__(self, sp: SequenceParallel, s: int, causal: bool, doc) -> None:
         self.sp, self.s, self.causal, self.doc = sp, s, causal, doc
         self.R, self.g = sp.ring_size, sp.ring_rank
-        self.positions = None
-        if doc is not None:   # ring coordinates: ascending within the ring (NOTE [ Sequence layouts ] 4)
-            self.positions = [shard_indices(s * self.R, self.R, r, sp.layout, device) for r in range(self.R)]
 
-    def at(self, step: int, q_dtype, doc_k):
-        """(query slice, key slice, is_causal, mask) of ``step``, or None to skip it."""
+    def at(self, step: int, doc_k):
+        """(query slice, key slice, is_causal, document pairs or None) of ``step``, or None to skip it."""
         src = (self.g - step) % self.R
         sel = select_block(self.sp.layout, self.causal, self.g, src, self.s)
         if sel is None:
@@ -79,9 +64,8 @@ class _Blocks:
         qs, ks, is_causal = sel
         if self.doc is None:
             return qs, ks, is_causal, None
-        mask = _doc_mask(self.doc[:, qs], doc_k[:, ks], self.positions[self.g][qs], self.positions[src][ks],
-                         self.causal, q_dtype)
-        return None if mask is None else (qs, ks, False, mask)
+        pairs = doc_pairs(self.doc[:, qs], doc_k[:, ks])   # NOTE [ Document blocks ] rule 2
+        return (qs, ks, is_causal, pairs) if pairs else None
 
 
 def _pass_kv(sp: SequenceParallel, blocks: "_Blocks", step: int, what: str, kk, vv, doc_k) -> Optional[RingExchange]:
@@ -107,18 +91,22 @@ def ring_forward(sp: SequenceParallel, q, k, v, doc: Optional[torch.Tensor], *, 
     q: (b, h, s, d); k, v: (b, kv_heads, s, d); doc: None or (b, s) int64 document ids.
     """
     b, h, s, d = q.shape
-    blocks = _Blocks(sp, s, causal, doc, q.device)
+    blocks = _Blocks(sp, s, causal, doc)
     acc = acc_dtype(q.dtype)
     out = torch.zeros(b, h, s, d, dtype=acc, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
     kk, vv, doc_k = k, v, doc
     for step in range(blocks.R):
         ex = _pass_kv(sp, blocks, step, "forward", kk, vv, doc_k)
-        blk = blocks.at(step, q.dtype, doc_k)
-        if blk is not None:
-            qs, ks, is_causal, mask = blk
+        blk = blocks.at(step, doc_k)
+        if blk is not None and blk[3] is not None:
+            qs, ks, is_causal, pairs = blk
+            doc_block_forward(q[:, :, qs], kk[:, :, ks], vv[:, :, ks], pairs, out[:, :, qs], lse[:, :, qs],
+                              causal=is_causal, scale=scale)
+        elif blk is not None:
+            qs, ks, is_causal, _ = blk
             o, l = block_forward(q[:, :, qs], repeat_kv(kk[:, :, ks], h), repeat_kv(vv[:, :, ks], h),
-                                 causal=is_causal, mask=mask, scale=scale)
+                                 causal=is_causal, mask=None, scale=scale)
             merge_into(out[:, :, qs], lse[:, :, qs], o, l)
         kk, vv, doc_k = _received_kv(ex, kk, vv, doc_k)
     return out.to(q.dtype), lse
@@ -129,7 +117,7 @@ def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[t
     """(dq, dk, dv) in the dtypes of q, k, v. NOTE [ Ring step order ] rule 4."""
     b, h, s, d = q.shape
     kvh = k.shape[1]
-    blocks = _Blocks(sp, s, causal, doc, q.device)
+    blocks = _Blocks(sp, s, causal, doc)
     acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kk, vv, doc_k = k, v, doc
@@ -139,12 +127,16 @@ def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[t
         kv_ex = _pass_kv(sp, blocks, step, "backward", kk, vv, doc_k)
         dk_blk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv_blk = torch.zeros(v.shape, dtype=acc, device=v.device)
-        blk = blocks.at(step, q.dtype, doc_k)
-        if blk is not None:
-            qs, ks, is_causal, mask = blk
+        blk = blocks.at(step, doc_k)
+        if blk is not None and blk[3] is not None:
+            qs, ks, is_causal, pairs = blk
+            doc_block_backward(dout[:, :, qs], q[:, :, qs], kk[:, :, ks], vv[:, :, ks], out[:, :, qs], lse[:, :, qs],
+                               pairs, dq[:, :, qs], dk_blk[:, :, ks], dv_blk[:, :, ks], causal=is_causal, scale=scale)
+        elif blk is not None:
+            qs, ks, is_causal, _ = blk
             gq, gk, gv = block_backward(dout[:, :, qs], q[:, :, qs], repeat_kv(kk[:, :, ks], h),
                                         repeat_kv(vv[:, :, ks], h), out[:, :, qs], lse[:, :, qs],
-                                        causal=is_causal, mask=mask, scale=scale)
+                                        causal=is_causal, mask=None, scale=scale)
             dq[:, :, qs] += gq.to(acc)
             dk_blk[:, :, ks] += reduce_kv(gk.to(acc), kvh)
             dv_blk[:, :, ks] += reduce_kv(gv.to(acc), kvh)

@@ -26,7 +26,9 @@ the math path ]).
 
 from __future__ import annotations
 
-from typing import Collection, Optional
+import contextlib
+import contextvars
+from typing import Collection, Iterator, Optional
 
 import torch
 
@@ -76,9 +78,40 @@ class _Ungrouped:
         return getattr(self._module, name)
 
 
+# Set while the decoder stack of a wrapped model runs a packed batch on one process (memo.attention.hf.packed_call).
+_PACKED = contextvars.ContextVar("memo_packed_forward", default=False)
+
+
+@contextlib.contextmanager
+def packed_forward(packed: bool) -> Iterator[None]:
+    """While ``packed``: sdpa's mask builder makes no mask, since memo's attention op keeps the documents apart."""
+    token = _PACKED.set(packed)
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
+
+
+def memo_sdpa_mask(*args, **kwargs):
+    """transformers' ``sdpa_mask``, except in a packed forward: None (no s x s mask; NOTE [ Document blocks ])."""
+    from transformers.masking_utils import sdpa_mask
+    if _PACKED.get():
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 def memo_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    """HF attention signature: query (b, H, s, d), key/value (b, KVH, s, d) -> ((b, s, H, d), None)."""
+    """HF attention signature: query (b, H, s, d), key/value (b, KVH, s, d) -> ((b, s, H, d), None).
+
+    A packed batch (``module._memo_sp.doc`` set, memo.attention.hf.packed_call) runs memo's attention
+    op on its documents instead, which the swap executor records and replays like SDPA's kernel.
+    """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    binding = getattr(module, "_memo_sp", None)
+    if binding is not None and binding.doc is not None:
+        from memo.attention.hf import memo_sp_attention
+        assert attention_mask is None, "memo.attention: a mask was built for a packed forward (bug in memo)"
+        return memo_sp_attention(module, query, key, value, attention_mask, **kwargs)
     heads, kv_heads = query.shape[1], key.shape[1]
     if repeat_kv_heads(query.device.type, query.dtype, heads, kv_heads, enabled_kernels(query.device)):
         key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
@@ -93,8 +126,8 @@ def install(model: torch.nn.Module) -> Optional[str]:
     if previous != "sdpa":
         return None
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(NAME, memo_sdpa_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, memo_sdpa_mask)
     model.set_attn_implementation(NAME)
     return previous

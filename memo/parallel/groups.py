@@ -87,6 +87,26 @@ class SequenceParallel:
                 + (f", Ulysses {self.ulysses_size} x ring {self.ring_size}" if self.backend == "hybrid" else "") + ")")
 
 
+@dataclass(eq=False)
+class OneProcess(SequenceParallel):
+    """The whole sequence on this process, with no process group and no messages: what memo's attention op
+    runs under for packed documents without sequence parallelism (a ring of one; NOTE [ Packed documents ])."""
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+
+_ONE: list[OneProcess] = []
+
+
+def one_process() -> OneProcess:
+    """The process-wide ``OneProcess`` (torch.distributed not needed)."""
+    if not _ONE:
+        _ONE.append(OneProcess(group=None, ranks=[0], backend="ring", layout="contiguous"))
+    return _ONE[0]
+
+
 def lookup(sp_id: int) -> SequenceParallel:
     try:
         return _REGISTRY[sp_id]
