@@ -14,7 +14,8 @@ def backend_info() -> dict:
     ``MEMO_DISABLE_CSRC=1``), has its CUDA part (``cuda_part``), and ``reason`` /
     ``cuda_reason`` when not. ``accelerate`` / ``deepspeed``: installed versions (read from the
     package metadata, without importing them). ``sp_backends``: each sequence-parallel attention
-    backend and whether it can run here.
+    backend and whether it can run here. ``packed_documents``: the kernels packed batches (position_ids
+    restarting at 0) run on, on the CPU and on CUDA (a varlen kernel where one exists).
     """
     accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     info = {
@@ -33,6 +34,8 @@ def backend_info() -> dict:
     info["accelerate"] = _version("accelerate", "not installed (pip install accelerate)")
     info["deepspeed"] = _version("deepspeed", "not installed (optional extra: pip install 'memo[deepspeed]')")
     info["sp_backends"] = _sp_backends(info["flash_attn"])
+    from memo.attention.varlen import describe
+    info["packed_documents"] = describe()   # NOTE [ Document blocks ] in memo/attention/documents.py
     return info
 
 

@@ -24,6 +24,7 @@ import torch
 
 from memo.errors import MemoError
 from memo.parallel.comm import all_gather, all_reduce
+from memo.parallel.documents import check_mask, check_rows, document_ids, is_packed
 from memo.parallel.groups import SequenceParallel, setup_for
 from memo.parallel.layout import check_divisible, num_chunks, shard_indices
 
@@ -64,7 +65,9 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag") -> dict:
     ``labels`` (both the shifted labels: transformers computes the loss from ``shift_labels`` when
     given, and needs ``labels`` to be present). An ``attention_mask`` may only mark right padding:
     its labels are ignored and causal attention hides it, so no mask is returned. Other padding is
-    refused (use right padding, or packed sequences with restarting ``position_ids``).
+    refused (use right padding, or packed sequences with restarting ``position_ids``). Packed
+    ``position_ids`` follow NOTE [ Packed documents ]; with them the mask may also mark padding at a
+    document's end (rule 5), whose labels are ignored likewise.
     """
     sp = _sp(group, layout)
     known = {"input_ids", "labels", "attention_mask", "position_ids", "inputs_embeds", "shift_labels"}
@@ -96,15 +99,24 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag") -> dict:
     elif positions.shape[-1] != seq:
         raise MemoError(f"memo.parallel.shard_batch: position_ids have length {positions.shape[-1]}, the sequence "
                         f"{seq}")
+    else:   # NOTE [ Packed documents ] rule 1, on the full rows every rank holds: the same error everywhere
+        check_rows(positions.expand(b, seq), "memo.parallel.shard_batch")
     mask = batch.get("attention_mask")
+    packed = False
+    if mask is not None and not bool(mask.bool().all()) and batch.get("position_ids") is not None:
+        doc = document_ids(positions, torch.arange(seq, device=positions.device), b)
+        packed = is_packed(doc)
+        if packed:   # rule 5: zeros only where no later token of the document is kept
+            check_mask(doc, mask, "memo.parallel.shard_batch")
     if mask is not None and not bool(mask.bool().all()):
         keep = mask.bool()
-        if not bool((keep[:, 1:] <= keep[:, :-1]).all()):
+        if not packed and not bool((keep[:, 1:] <= keep[:, :-1]).all()):
             raise MemoError("memo.parallel.shard_batch: attention_mask has padding that is not at the end of the "
                             "sequence; under sequence parallelism use right padding (with labels -100) or pack "
                             "documents with position_ids restarting at 0")
-        if shifted is not None:   # right padding: its labels are ignored; causal attention hides it
-            shifted = shifted.masked_fill(~torch.nn.functional.pad(keep[:, 1:], (0, 1), value=False), IGNORE_INDEX)
+        if shifted is not None:   # padding: its labels are ignored; causal attention (and documents) hide it
+            shifted = shifted.masked_fill(~torch.nn.functional.pad(keep[:, 1:], (0, 1), value=False) | ~keep,
+                                          IGNORE_INDEX)
     for name, x, value in (("input_ids", batch.get("input_ids"), 0), ("inputs_embeds", batch.get("inputs_embeds"), 0),
                            ("shift_labels", shifted, IGNORE_INDEX), ("position_ids", positions, None)):
         if x is None:
