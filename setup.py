@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # For people with a CUDA torch who want a quick CPU-only build (laptops, CI jobs without a GPU
 # toolchain that matches torch's CUDA version).
@@ -67,6 +67,22 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
+def _packages():
+    """Every package under memo/, planner/ and integrations/, found rather than listed.
+
+    A package missing here is missing from the wheel and from `pip install .` (not from the
+    editable install, which reads the source tree), so listing them by hand broke a regular install
+    (memo.attention and memo.parallel were left out); tests/test_install.py installs the wheel.
+    """
+    packages = []
+    for name, where in _PACKAGE_DIR.items():
+        packages += [name] + [f"{name}.{sub}" for sub in find_packages(where)]
+    return packages
+
+
+# memo's own sources sit in memo/; planner/ and integrations/ install as subpackages of memo.
+_PACKAGE_DIR = {"memo": "memo", "memo.planner": "planner", "memo.integrations": "integrations"}
+
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -74,8 +90,8 @@ setup(
     version="0.1.0",
     description="Token-wise activation swapping, ring attention and planned memory for long-context training",
     python_requires=">=3.10",
-    packages=["memo", "memo.swap", "memo.cli", "memo.planner", "memo.integrations"],
-    package_dir={"memo.planner": "planner", "memo.integrations": "integrations"},
+    packages=_packages(),
+    package_dir={name: where for name, where in _PACKAGE_DIR.items() if name != where},
     install_requires=["torch>=2.6", "transformers>=4.56", "accelerate", "mip>=1.15", "safetensors", "numpy",
                       "pyyaml"],
     extras_require={
