@@ -27,8 +27,10 @@ file), and a ``prepare`` that does what ``accelerator.prepare`` does plus sequen
 #    the reduction with a communication hook: all-reduce SUM over the world, then divide by W/P.
 #    This is exact, not a compensation: no rescaling by P happens anywhere (with P = W it is a
 #    plain sum, as ``memo.parallel.all_reduce_gradients``).
-# 4. Only DDP gets the hook. Under other data-parallel wrappers (DeepSpeed, FSDP) with P > 1
-#    ``prepare`` refuses, rather than train with gradients P times too small.
+# 4. Only DDP gets the hook. Accelerate's FSDP2 gets the same reduction from its units' divide
+#    factors (NOTE [ FSDP2 and sequence parallelism ] in integrations/fsdp.py). Under other
+#    data-parallel wrappers (DeepSpeed, FSDP1) with P > 1 ``prepare`` refuses, rather than train with
+#    gradients P times too small.
 """
 
 from __future__ import annotations
@@ -346,10 +348,17 @@ def prepare(accelerator, model, optimizer=None, dataloader=None, plugin: Optiona
                         f"{world} processes; choose a divisor of {world} (the processes form {world}/size "
                         f"data-parallel replicas) or launch a multiple of {sp_size} processes")
     kind = str(accelerator.distributed_type).split(".")[-1]
-    if sp_size > 1 and kind not in _DDP_TYPES:
+    if sp_size > 1 and kind == "FSDP" and _fsdp_version(accelerator) != 2:
+        raise MemoError(f"memo.integrations.accelerate.prepare: sequence parallelism under FSDP1 (fsdp_version "
+                        f"{_fsdp_version(accelerator)}) is not supported: it averages gradients over all ranks and "
+                        f"cannot sum them over a sequence's ranks; set fsdp_config.fsdp_version: 2 (FSDP2, "
+                        f"NOTE [ FSDP2 and sequence parallelism ]) or use DDP")
+    if sp_size > 1 and kind not in _DDP_TYPES and kind != "FSDP":
         raise MemoError(f"memo.integrations.accelerate.prepare: sequence parallelism under Accelerate's {kind} is "
                         f"not supported (its gradient reduction would average over the sequence-parallel ranks); "
-                        f"use DDP (distributed_type MULTI_GPU / MULTI_CPU) or sequence_parallel_size 1")
+                        f"use DDP (distributed_type MULTI_GPU / MULTI_CPU), FSDP2 (distributed_type FSDP, "
+                        f"fsdp_version 2), memo.integrations.deepspeed.initialize in the script, or "
+                        f"sequence_parallel_size 1")
     if accelerator.device_placement:
         model = model.to(accelerator.device)   # before memo.wrap: its runtime lives on the model's device
     config = plugin.to_memo_config()
@@ -372,9 +381,19 @@ def prepare(accelerator, model, optimizer=None, dataloader=None, plugin: Optiona
     return model, optimizer, dataloader
 
 
+def _fsdp_version(accelerator) -> Optional[int]:
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    return getattr(plugin, "fsdp_version", None)
+
+
 def _reduce_over_data_parallel_only(model, replicas: int, world: int) -> None:
+    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
-    if isinstance(model, DistributedDataParallel):
+    if isinstance(model, FSDPModule):   # Accelerate's FSDP2 (GPU only): NOTE [ FSDP2 and sequence parallelism ]
+        from memo.integrations import fsdp
+        fsdp.check_mesh(model, fsdp.sharding_mesh(model))
+        fsdp.sum_over_sequence_mean_over_data(model)
+    elif isinstance(model, DistributedDataParallel):
         try:
             model.register_comm_hook(replicas, sum_over_sequence_mean_over_data)
         except RuntimeError as e:   # DDP takes one hook: the user gave Accelerate one already

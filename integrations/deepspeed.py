@@ -88,6 +88,11 @@ def _runtime(model):
     if type(model).__name__ == "DeepSpeedEngine":
         raise MemoError(f"{_WHO}: got a DeepSpeedEngine; call this on the memo-wrapped model before "
                         f"deepspeed.initialize")
+    from memo.integrations.fsdp import is_sharded
+    if is_sharded(model):   # NOTE [ FSDP2 and sequence parallelism ] rule 5 in integrations/fsdp.py
+        raise MemoError(f"{_WHO}: the model is sharded by FSDP (memo.integrations.fsdp.fully_shard or torch's "
+                        f"fully_shard); FSDP and DeepSpeed both shard the weights and cannot be mixed. Use one: "
+                        f"DeepSpeed on a model FSDP never wrapped, or FSDP2 without DeepSpeed")
     from memo.wrap import runtime_of
     try:
         return runtime_of(model)
