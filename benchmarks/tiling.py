@@ -100,7 +100,7 @@ def planned_peak(args, tile) -> dict:
         if code != 0:
             raise SystemExit(f"memo plan exited {code}")
         plan = json.loads(out.getvalue())
-    return {"predicted_activation_peak_bytes": plan["predicted"]["activation_peak_bytes"]}
+    return {"predicted_activation_peak_bytes": plan["predicted"]["activation_live_peak_bytes"]}
 
 
 def main(argv=None) -> int:

@@ -107,6 +107,7 @@ class LayerState:
         self.tiled = runtime.tiled.get(index)      # NOTE [ Token tiling ] rule 7
         self.mlp_saved_index: Optional[int] = None
         self.mlp_output_unused = False
+        self.tile_decision: tuple = (None, False)   # the forward's (tile, fused), NOTE [ Token tiling ] rule 3
         # NOTE [ Which tokens are recomputed ] rule 4: random layers recompute nothing.
         self.alpha = 1.0 if trace.random_ops else alpha
         # Recomputation runs inside backward, where autocast is off: re-enter the forward's.
@@ -158,6 +159,8 @@ class LayerState:
         assert self.n_packed == len(self.trace.saved), (
             f"memo.executor: layer {self.index} saved {self.n_packed} tensors, the trace said "
             f"{len(self.trace.saved)} (bug in memo)")
+        if self.tiled is not None:
+            self.tile_decision = self.tiled.decision()
         if self.mlp_saved_index is not None:   # NOTE [ Token tiling ] rule 7
             self.mlp_output_unused = all(info.cls in (SavedClass.PARAM, SavedClass.SHARED)
                                          for info in self.trace.saved[self.mlp_saved_index + 1:])
@@ -299,7 +302,7 @@ class LayerState:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(capture, lambda t: t))
             stack.enter_context(kernel_mode)
             if self.tiled is not None:
-                stack.enter_context(self.tiled.skipping_output(self.mlp_output_unused))
+                stack.enter_context(self.tiled.replaying(self.tile_decision, self.mlp_output_unused))
             self.layer_forward(hidden, *self.call.args, **kwargs)
         if len(captured) != len(self.trace.saved):
             raise AssertionError(f"memo.executor: recomputing layer {self.index} saved {len(captured)} tensors, "

@@ -382,16 +382,20 @@ def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> tuple[list[dict]
     return saved, out
 
 
-def _mlp_saved_bytes(layer, x: torch.Tensor) -> int:
-    """Bytes the layer's untiled MLP saves for backward besides its input (and parameters), on an
-    input shaped like ``x``: what tiling takes out of the saved set (NOTE [ Profiler allocation steps ]
-    rule 6). 0 for a layer without a per-token MLP."""
-    from memo.tiling import mlp_of
+def _mlp_saved_bytes(layer, x: torch.Tensor, with_norm: bool = True) -> int:
+    """Bytes the layer's untiled MLP, and the norm tiled with it (NOTE [ Token tiling ] rule 8 in
+    memo/tiling.py), save for backward besides their input (and parameters), on an input shaped like
+    ``x``: what tiling takes out of the saved set (NOTE [ Profiler allocation steps ] rule 6). 0 for a
+    layer without a per-token MLP; ``with_norm`` False: the MLP only (one tile covers ``x``). Call before
+    ``tiling.install``."""
+    from memo.tiling import mlp_of, norm_before_mlp
     mlp = mlp_of(layer)
     if mlp is None:
         return 0
+    norm = norm_before_mlp(layer) if with_norm else None
+    modules = [m for m in (norm, mlp) if m is not None]
     h = torch.empty_like(x).requires_grad_(True)
-    skip = {_storage_key(h)} | {_storage_key(p) for p in mlp.parameters()}
+    skip = {_storage_key(h)} | {_storage_key(p) for m in modules for p in m.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -401,7 +405,7 @@ def _mlp_saved_bytes(layer, x: torch.Tensor) -> int:
         return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mlp(h)
+        mlp(norm(h) if norm is not None else h)
     return sum(seen.values())
 
 
@@ -441,7 +445,7 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
                 layer = layer_cls(cfg, layer_idx=0)
                 h = model["hidden"]
                 x = torch.empty(micro_batch, local, h, requires_grad=True)
-                mlp_saved = _mlp_saved_bytes(layer, x) if tile is not None else 0
+                mlp_saved = _mlp_saved_bytes(layer, x, with_norm=tile < local) if tile is not None else 0
                 tiled = tiling.install([layer], tile, model["intermediate"]) if tile is not None else {}
                 shared = None
                 if model["model_type"] != "gpt2":

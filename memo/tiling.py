@@ -18,7 +18,10 @@ and their gradients as many again in backward. Tiling makes them one tile's wort
 # 3. The saved input is a token tensor like any other: memo swaps the last alpha share of its
 #    tokens and recomputes the rest (NOTE [ Which tokens are recomputed ] in memo/swap/record.py);
 #    in memo's token-wise recompute the tiled forward runs again on the prefix and saves the prefix
-#    of the input, in the same position among the layer's saved tensors.
+#    of the input, in the same position among the layer's saved tensors. The recompute tiles (and
+#    fuses the norm, rule 8) exactly as the forward did (``TiledLayer.replaying``), whatever the
+#    prefix's length: "auto" or the one-tile rule of 8 would otherwise decide differently for a
+#    shorter sequence and save other tensors.
 # 4. Random ops inside the MLP (dropout in training) draw the same numbers in the backward's
 #    recompute: the forward stashes the CPU and device RNG states and the backward restores them
 #    inside ``torch.random.fork_rng`` before running the tiles in forward order.
@@ -36,6 +39,18 @@ and their gradients as many again in backward. Tiling makes them one tile's wort
 #    arguments are saved after it, as in Llama, where the output goes to a residual add), the
 #    recompute saves the input and returns zeros of the output's shape instead of computing it:
 #    the MLP's forward then runs twice per step (forward, tiled backward), as untiled at ratio 0.
+# 8. The norm just before the MLP is tiled with it (``norm_before_mlp``: ``pre_feedforward_layernorm``
+#    in Gemma 2/3, ``post_attention_layernorm`` where it feeds the MLP as in Llama, Mistral, Qwen,
+#    Gemma, Phi-3 and Starcoder2, ``ln_2`` in GPT-2; none in Olmo 2, whose norms follow their
+#    blocks). The norm then returns its input unchanged and the tiled MLP runs norm and MLP per
+#    tile, so the saved tensor is the norm's input (bf16 hidden state) instead of the norm's fp32
+#    upcast, its rsqrt and its output (8 bytes a hidden element in a bf16 RMSNorm, 2 after), and
+#    the norm's fp32 backward transients are one tile wide. The decision is the MLP's own (same
+#    input shape, grad mode and parameters), made when the norm runs; the MLP must then receive
+#    exactly the tensor the norm returned, or memo raises rather than skip the norm. With one tile
+#    covering the sequence the norm runs on its own, so that rule 2's bit-identity holds: fused,
+#    autograd would sum the norm's two paths into its input before adding the residual's gradient,
+#    a different order of the same fp additions.
 """
 
 from __future__ import annotations
@@ -190,6 +205,21 @@ def tiled_mlp(run: Callable, x: torch.Tensor, params: list, tile: int, out_tail:
 
 # --- installing on decoder layers ------------------------------------------------------------
 
+def norm_before_mlp(layer: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The norm whose output is the MLP's input and nothing else's (NOTE [ Token tiling ] rule 8), or None."""
+    if hasattr(layer, "pre_feedforward_layernorm"):            # Gemma 2/3: post_attention_layernorm is the attention's
+        norm = layer.pre_feedforward_layernorm
+    elif hasattr(layer, "post_feedforward_layernorm"):        # Olmo 2: norms after attention and after the MLP
+        return None
+    elif hasattr(layer, "post_attention_layernorm"):
+        norm = layer.post_attention_layernorm
+    else:
+        norm = getattr(layer, "ln_2", None)                   # GPT-2
+    if not isinstance(norm, torch.nn.Module) or not type(norm).__name__.endswith(("RMSNorm", "LayerNorm")):
+        return None
+    return norm
+
+
 def mlp_of(layer: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The layer's per-token MLP, or None (mixture-of-experts blocks route tokens and return more)."""
     mlp = getattr(layer, "mlp", None)
@@ -199,41 +229,81 @@ def mlp_of(layer: torch.nn.Module) -> Optional[torch.nn.Module]:
 
 
 class TiledLayer:
-    """Tiling state of one decoder layer's MLP: the setting, the tile of the last call, the reason."""
+    """Tiling state of one decoder layer's MLP (and the norm before it): the setting, the tile of the
+    last call, the reason."""
 
-    def __init__(self, mlp: torch.nn.Module, setting, intermediate: int) -> None:
+    def __init__(self, mlp: torch.nn.Module, setting, intermediate: int,
+                 norm: Optional[torch.nn.Module] = None) -> None:
         self.mlp = mlp
+        self.norm = norm                  # tiled with the MLP (NOTE [ Token tiling ] rule 8) or None
         self.setting = setting
         self.intermediate = intermediate
         self.original = mlp.forward
+        self.norm_original = norm.forward if norm is not None else None
+        self.params = list(norm.parameters() if norm is not None else ()) + list(mlp.parameters())
         self.tile: Optional[int] = None   # tokens per tile in the last call; None: untiled
         self.out_tail: Optional[tuple] = None   # trailing output shape of the last computed call
-        self.skip_output = False          # rule 7, set by memo's recompute (``skipping_output``)
+        self.fused = False                # the last call tiled the norm with the MLP (rule 8)
+        self.skip_output = False          # rule 7, set by memo's recompute (``replaying``)
+        self.forced: Optional[tuple] = None   # (tile, fused) of the forward a recompute replays (rule 3)
         self.saving = False               # inside the Function's apply: its saved tensor is the MLP input
+        self.pending: Optional[torch.Tensor] = None   # the norm's input, passed on unnormalised (rule 8)
+
+    def decision(self) -> tuple:
+        """(tile, fused) of the last call: what memo's recompute of this layer must do again."""
+        return self.tile, self.fused
 
     @contextlib.contextmanager
-    def skipping_output(self, skip: bool):
-        """Inside: the tiled MLP saves its input but returns zeros (NOTE [ Token tiling ] rule 7)."""
-        self.skip_output = skip
+    def replaying(self, decision: tuple, skip: bool):
+        """Inside: calls tile (and fuse the norm) as the forward did, whatever the length of the
+        recomputed prefix (rule 3), and with ``skip`` the tiled MLP saves its input but returns
+        zeros (rule 7)."""
+        self.forced, self.skip_output = decision, skip
         try:
             yield
         finally:
-            self.skip_output = False
+            self.forced, self.skip_output = None, False
+
+    def _tile_for(self, x, args, kwargs) -> Optional[int]:
+        """Tokens per tile for a call on ``x``, or None to run untiled."""
+        if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return None
+        if self.forced is not None:
+            return self.forced[0]
+        batch, seq, hidden = x.shape
+        tile = resolve_tile(self.setting, batch=batch, seq=seq, hidden=hidden, intermediate=self.intermediate,
+                            itemsize=x.element_size())
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.params))
+        return tile if grad else None
+
+    def norm_forward(self, x: torch.Tensor, *args, **kwargs):
+        """The norm before the MLP: its input unchanged when the MLP will tile both (rule 8)."""
+        self.pending = None   # a forward that raised between the norm and the MLP left one behind
+        tile = self._tile_for(x, args, kwargs)
+        fuse = self.forced[1] if self.forced is not None else tile is not None and tile < x.shape[1]
+        if tile is None or not fuse:
+            return self.norm_original(x, *args, **kwargs)
+        self.pending = x
+        return x
+
+    def _norm_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.original(self.norm_original(x))
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() != 3:
-            self.tile = None
+        pending, self.pending = self.pending, None
+        if pending is not None and x is not pending:
+            raise MemoError("memo.tiling: the MLP's input is not the output of the norm before it, which memo tiles "
+                            "with the MLP (NOTE [ Token tiling ] rule 8) in this layer class; pass "
+                            "MemoConfig(tile_tokens=None)")
+        self.tile = self._tile_for(x, args, kwargs)
+        self.fused = pending is not None
+        if self.tile is None:
             return self.original(x, *args, **kwargs)
-        batch, seq, hidden = x.shape
-        self.tile = resolve_tile(self.setting, batch=batch, seq=seq, hidden=hidden, intermediate=self.intermediate,
-                                 itemsize=x.element_size())
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.mlp.parameters()))
-        if self.tile is None or not grad:
-            return self.original(x)
         tail = self.out_tail if self.skip_output else None
         self.saving = True
         try:
-            out = tiled_mlp(self.original, x, list(self.mlp.parameters()), self.tile, tail)
+            out = tiled_mlp(self._norm_mlp if pending is not None else self.original, x,
+                            self.params if pending is not None else list(self.mlp.parameters()), self.tile, tail)
         finally:
             self.saving = False
         if tail is None:
@@ -242,7 +312,8 @@ class TiledLayer:
 
 
 def install(layers: list[torch.nn.Module], setting, intermediate: int) -> dict[int, TiledLayer]:
-    """Tile the MLP of every layer that has a per-token one; returns {layer index: TiledLayer}."""
+    """Tile the MLP (and the norm before it) of every layer that has a per-token one; returns
+    {layer index: TiledLayer}."""
     setting = check_tile_setting(setting)
     out = {}
     if setting is None:
@@ -251,16 +322,19 @@ def install(layers: list[torch.nn.Module], setting, intermediate: int) -> dict[i
         mlp = mlp_of(layer)
         if mlp is None:
             continue
-        tiled = TiledLayer(mlp, setting, intermediate)
+        tiled = TiledLayer(mlp, setting, intermediate, norm_before_mlp(layer))
         mlp.forward = functools.partial(TiledLayer.forward, tiled)
+        if tiled.norm is not None:
+            tiled.norm.forward = functools.partial(TiledLayer.norm_forward, tiled)
         out[i] = tiled
     return out
 
 
 def uninstall(tiled: dict[int, TiledLayer]) -> None:
     for t in tiled.values():
-        if "forward" in t.mlp.__dict__:
-            del t.mlp.forward
+        for module in (t.mlp, t.norm):
+            if module is not None and "forward" in module.__dict__:
+                del module.forward
 
 
 def intermediate_size(config, hidden: int) -> int:

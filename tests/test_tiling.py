@@ -15,7 +15,8 @@ FAMILY_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, n
 
 def _family(family: str, **overrides):
     torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(**{**FAMILY_DIMS, **overrides})
+    config_name = {"Gemma3": "Gemma3TextConfig"}.get(family, f"{family}Config")   # Gemma3Config is multimodal
+    config = getattr(transformers, config_name)(**{**FAMILY_DIMS, **overrides})
     return getattr(transformers, f"{family}ForCausalLM")(config)
 
 
@@ -143,7 +144,17 @@ def test_tiles_at_every_ratio_and_in_kept_layers(ratio, keep):
     assert [s.policy for s in st.layers] == ["memo"] * (4 - keep) + ["kept"] * keep
 
 
-@pytest.mark.parametrize("family", ["Mistral", "Qwen3", "Gemma", "Olmo2", "Phi3", "Starcoder2"])
+@pytest.mark.parametrize("ratio,tile,seq", [(0.75, 24, 64), (0.5, "auto", 4608)])
+def test_recompute_of_a_short_prefix_tiles_as_the_forward_did(ratio, tile, seq):
+    """Rule 3: memo recomputes a prefix shorter than the tile (16 of 64 tokens; 2304 of 4608, where "auto"
+    would not tile); it must tile and fuse the norm as the forward did, or it saves other tensors."""
+    model = build("llama", num_hidden_layers=2)
+    wrapped = _assert_within_twice_plain(model, [batch(1, seq)], swap_ratio=ratio, tile_tokens=tile,
+                                         keep_last_layers=0)
+    assert [s.tile_tokens for s in memo.stats(wrapped).layers] == [24 if tile == 24 else 4096] * 2
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Qwen3", "Gemma", "Gemma3", "Olmo2", "Phi3", "Starcoder2"])
 def test_tiles_in_every_family(family):
     model = _family(family)
     wrapped = _assert_within_twice_plain(model, [batch(2, 40)], swap_ratio=0.37, tile_tokens=16)
@@ -151,7 +162,7 @@ def test_tiles_in_every_family(family):
 
 
 def test_tiled_layers_save_no_mlp_intermediates():
-    """The MLP's (batch, seq, intermediate) tensors are no longer saved: a layer's saved bytes shrink."""
+    """The MLP's four (batch, seq, intermediate) tensors (gate, SiLU, up, product) are no longer saved."""
     model = build("llama", intermediate_size=512)
     micro = [batch(1, 64)]
     untiled = _wrapped(model, swap_ratio=1.0, tile_tokens=None, keep_last_layers=0)
@@ -159,8 +170,50 @@ def test_tiled_layers_save_no_mlp_intermediates():
     run_step(untiled, micro)
     run_step(tiled, micro)
     per_token_mlp = 64 * 512 * 4
+    # NOTE [ Token tiling ] rule 8: the norm before the MLP is tiled with it, so its output (the MLP's
+    # input) and its rsqrt are not saved either; its input is, in their place.
+    normed = 64 * 64 * 4 + 64 * 4
     for u, t in zip(memo.stats(untiled).layers, memo.stats(tiled).layers):
-        assert u.activation_bytes - t.activation_bytes >= 3 * per_token_mlp, (u.activation_bytes, t.activation_bytes)
+        assert u.activation_bytes - t.activation_bytes >= 4 * per_token_mlp + normed, (u.activation_bytes,
+                                                                                       t.activation_bytes)
+
+
+@pytest.mark.parametrize("family,norm", [("Llama", "post_attention_layernorm"), ("Phi3", "post_attention_layernorm"),
+                                         ("Starcoder2", "post_attention_layernorm"),
+                                         ("Gemma3", "pre_feedforward_layernorm"), ("Olmo2", None)])
+def test_the_norm_feeding_the_mlp_is_tiled_with_it(family, norm):
+    """Rule 8: which norm feeds the MLP; while tiled it passes its input on and the MLP tiles both, so the
+    tiled Function saves the norm's input (the layer's hidden state after attention)."""
+    model = _family(family)
+    layer = model.model.layers[0]
+    found = tiling.norm_before_mlp(layer)
+    assert found is (getattr(layer, norm) if norm else None)
+    if norm is None:
+        return
+    norm_calls, saved = [], []
+    getattr(layer, norm).register_forward_hook(lambda mod, args, out: norm_calls.append((args[0], out)))
+
+    def pack(t):
+        saved.append(t)
+        return t
+    tiled = tiling.install(model.model.layers, 16, model.config.intermediate_size)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=batch(1, 40)[0])
+    finally:
+        tiling.uninstall(tiled)
+    [(norm_input, norm_output)] = norm_calls
+    assert norm_output is norm_input, "the tiled norm passes its input on"
+    assert any(t is norm_input for t in saved), "the norm's input is what the tiled Function saves"
+
+
+def test_an_mlp_fed_something_else_than_its_norm_is_refused():
+    """Rule 8's guard: a layer that changes the norm's output before the MLP cannot be tiled with the norm."""
+    model = build("llama")
+    wrapped = _wrapped(model, tile_tokens=16)
+    wrapped.model.layers[1].mlp.register_forward_pre_hook(lambda mod, args: (args[0] * 1.0,))
+    with pytest.raises(memo.MemoError, match="not the output of the norm before it.*tile_tokens=None"):
+        run_step(wrapped, [batch(1, 40)])
 
 
 def test_unwrap_removes_the_tiling():
