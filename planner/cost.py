@@ -33,6 +33,21 @@ NOTE [ Step-time model ]
      plus ``elementwise_passes`` over the bytes the untiled MLP would have saved
      (``mlp_saved_bytes``). Rule 1's element-wise passes count those bytes too: tiling changes
      what is saved, not the element-wise work.
+  9. Parameter offload (``offload_params``: ZeRO-3 with the weights on the host, DeepSpeed's
+     ``offload_param``; NOTE [ Parameter offload ] for the bytes). Every layer, whatever its policy,
+     moves over the host link, per rank (its 1/``gpus`` shard; ZeRO-3's all-gather of the shards is
+     rule 6's): its bf16 weights host-to-device before its forward and again before its backward
+     (memo's recompute and an "input" layer's forward again run inside that backward, on the weights
+     already gathered: no third copy), and its fp32 gradients device-to-host after its backward.
+     With L a layer's parameters, ``w = wb L / gpus / host_link`` and ``g = 4 L / gpus / host_link``.
+     DeepSpeed prefetches the next layer's weights while this one computes, so each copy hides
+     behind one layer's compute and only its excess is exposed: forward ``max(0, w - t_fwd)``;
+     backward, where the weights share the host-to-device direction with memo's prefetch of the
+     swapped activations, ``max(0, w + a - t_bwd) - max(0, a - t_bwd)`` beyond rule 3's own
+     exposure (``a`` the layer's copy: a "memo" or "input" layer's, 0 for a kept layer), and
+     ``max(0, g - t_bwd)`` for the gradients (the other direction). The embedding, LM head and final norm (no layer compute to hide behind) move
+     weights twice and gradients once fully exposed. The optimizer step then moves nothing: CPU
+     Adam updates the host's weights in place (rule 6's ``p / 1e9`` per rank only).
 
 NOTE [ SP communication model ]
   P = SP degree, s = S / P tokens per rank, b = micro batch, h / kv = heads / kv heads, d =
@@ -257,8 +272,23 @@ def sp_comm(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, sp:
 
 # --- model states --------------------------------------------------------------------------------
 
+# NOTE [ Parameter offload ]
+#   ``offload_params`` is ZeRO-3 with DeepSpeed's ``offload_param`` (device cpu) on top of optimizer
+#   offload: the job ALST runs at 500K tokens on one H100.
+#   1. Host, per rank: its 1/ranks shard of the bf16 weights, the fp32 gradients and Adam's states
+#      (fp32 master, momentum, variance): (wb + 4 + 12) p / ranks bytes.
+#   2. Device: no resident weights. ZeRO-3 gathers one module whole at a time (a decoder layer is a
+#      leaf module, NOTE [ ZeRO-3 and recomputation ] rule 3 in integrations/deepspeed.py; the
+#      embedding and the LM head are one weight each) and prefetches the next: the gather buffer is
+#      two of the largest such module, ``2 wb max(layer, vocab x hidden)``. One module's bf16
+#      gradients wait on the device until they are copied to the host: ``wb max(layer, vocab x
+#      hidden)``, live for the whole step (NOTE [ Level-2 step timeline ] rule 7 does not apply).
+#   3. Needs ZeRO stage 3 (only stage 3 partitions the weights) and ``offload_optimizer`` (the
+#      gradients go to the host for CPU Adam; DeepSpeed refuses offload_param without it).
+#   4. Its time: NOTE [ Step-time model ] rule 9.
+
 def model_state_bytes(model: dict, *, zero_stage: int, ranks: int, offload_optimizer: bool,
-                      dtype: str = "bf16") -> dict:
+                      dtype: str = "bf16", offload_params: bool = False) -> dict:
     """Bytes per rank of weights, gradients and optimizer states (Adam: fp32 master weights,
     momentum, variance), device and host, under ZeRO ``zero_stage`` sharded over ``ranks``.
 
@@ -266,12 +296,18 @@ def model_state_bytes(model: dict, *, zero_stage: int, ranks: int, offload_optim
     unsharded. ZeRO-1 shards the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the
     weights (plus a gather buffer of two layers' full weights). Offload keeps the optimizer
     states and an fp32 gradient copy on the host (DeepSpeed's CPU Adam), ZeRO stage >= 1 only.
+    ``offload_params`` also keeps the weights there: NOTE [ Parameter offload ].
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"memo.plan: ZeRO stage {zero_stage} is not 0, 1, 2 or 3")
     if offload_optimizer and zero_stage == 0:
         raise ValueError("memo.plan: --offload-optimizer needs ZeRO stage 1, 2 or 3 (it offloads the sharded "
                          "optimizer states); add --zero-stage 1")
+    if offload_params and (zero_stage != 3 or not offload_optimizer):
+        raise ValueError(f"memo.plan: --offload-params needs ZeRO stage 3 and --offload-optimizer (only stage 3 "
+                         f"partitions the weights, and their gradients go to the host for CPU Adam); got stage "
+                         f"{zero_stage}{'' if offload_optimizer else ' without --offload-optimizer'}: add "
+                         f"--zero-stage 3 --offload-optimizer")
     p = model_parameters(model)
     wb = DTYPE_BYTES[dtype]
     master = 4 if wb < 4 else 0
@@ -284,6 +320,11 @@ def model_state_bytes(model: dict, *, zero_stage: int, ranks: int, offload_optim
     if offload_optimizer:
         host = opt + 4 * p / ranks
         opt = 0.0
+    if offload_params:
+        # NOTE [ Parameter offload ] rules 1 and 2.
+        module = max(layer_parameters(model), model["vocab"] * model["hidden"])
+        host += weights
+        weights, gather, grads = 0.0, 2 * wb * module, wb * module
     return {"parameters": p, "weights": int(weights), "zero3_gather": int(gather), "gradients": int(grads),
             "optimizer": int(opt), "device_total": int(weights + gather + grads + opt), "host": int(host)}
 
@@ -338,6 +379,10 @@ class StepTimes:
     input_copy_s: float = 0.0              # an "input" layer's copy, each way
     mlp_recompute_s: float = 0.0           # a tiled layer's extra MLP forward (0 untiled)
     recompute_per_step_s: float = 0.0      # all recompute of the step: memo + input + tiled MLP
+    # Parameter offload (rule 9); 0 without it.
+    param_copy_s: float = 0.0              # a layer's weights host-to-device, once (forward; again in backward)
+    grad_copy_s: float = 0.0               # a layer's gradients device-to-host
+    param_offload_exposed_s: float = 0.0   # per step: what compute does not hide, the non-layer modules included
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "sp_comm"}
@@ -347,13 +392,14 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
               gpus_per_node: int, alpha: float, swap_bytes_fixed: float, swap_bytes_other: float, keep_layers: int,
               zero_stage: int, offload_optimizer: bool, dtype: str = "bf16", sp_backend: str = "ring",
               input_layers: int = 0, swap_bytes_input: Optional[float] = None, tiled: bool = False,
-              mlp_saved_bytes: float = 0.0) -> StepTimes:
+              mlp_saved_bytes: float = 0.0, offload_params: bool = False) -> StepTimes:
     """Predicted time of one training step on one rank. See NOTE [ Step-time model ].
 
     The first ``input_layers`` swapped layers run the "input" policy and copy ``swap_bytes_input``
     (the layer input; default ``swap_bytes_fixed``, an over-estimate) each way; the others, but
     the last ``keep_layers``, run "memo" (rule 7). ``tiled``: the MLP is tiled and the untiled one
-    would save ``mlp_saved_bytes`` besides its input (rule 8)."""
+    would save ``mlp_saved_bytes`` besides its input (rule 8). ``offload_params``: the weights live
+    on the host (rule 9; ZeRO stage 3 with ``offload_optimizer`` only)."""
     peak = gpu.peak_tflops * 1e12
     n = model["layers"]
     lf = layer_flops(model, seq_len, micro_batch)
@@ -382,9 +428,25 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
         n_input * (max(0.0, copy_in - t_fwd) + max(0.0, copy_in - t_bwd))
     head = 3 * 2 * seq_len * micro_batch * model["hidden"] * model["vocab"] / sp / (peak * gpu.gemm_eff)
     states = model_state_bytes(model, zero_stage=zero_stage, ranks=gpus, offload_optimizer=offload_optimizer,
-                               dtype=dtype)
+                               dtype=dtype, offload_params=offload_params)
     p = states["parameters"]
-    if offload_optimizer:
+    wb = DTYPE_BYTES[dtype]
+    param_copy = grad_copy = param_exposed = 0.0
+    if offload_params:
+        # Rule 9: per rank, each layer's weight shard in twice and its fp32 gradient shard out once.
+        lp = layer_parameters(model) / gpus
+        param_copy, grad_copy = wb * lp / gpu.host_link_Bps, 4 * lp / gpu.host_link_Bps
+        # Forward: the weights alone host-to-device. Backward: the weights after memo's prefetch on the
+        # same direction (memo layers copy ``copy``, input layers ``copy_in``, kept layers nothing), the
+        # gradients on the other.
+        def bwd_extra(a: float) -> float:
+            return max(0.0, param_copy + a - t_bwd) - max(0.0, a - t_bwd)
+        param_exposed = n * (max(0.0, param_copy - t_fwd) + max(0.0, grad_copy - t_bwd)) + \
+            n_memo * bwd_extra(copy) + n_input * bwd_extra(copy_in) + keep * bwd_extra(0.0)
+        rest = p / gpus - n * lp                     # embedding, LM head, final norm: nothing hides them
+        param_exposed += (2 * wb + 4) * rest / gpu.host_link_Bps
+        optimizer = p / gpus / 1e9                   # CPU Adam; the weights stay on the host
+    elif offload_optimizer:
         # fp32 grads out, bf16 weights back, CPU Adam at ~1e9 parameters/s per rank.
         optimizer = (4 + DTYPE_BYTES[dtype]) * p / gpus / gpu.host_link_Bps + p / gpus / 1e9
     else:
@@ -397,7 +459,7 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
     collectives = volume / link if gpus > 1 else 0.0
     recompute_step = n_memo * recompute + n_input * input_recompute + n * mlp_f
     total = (n * (t_fwd + t_bwd + comm.fwd_exposed_s + comm.bwd_exposed_s) + recompute_step + exposed + head
-             + optimizer + collectives)
+             + optimizer + collectives + param_exposed)
     dp = max(gpus // sp, 1)
     flops = model_flops_per_step(model, seq_len, micro_batch, dp)
     mfu = flops / (total * gpus * peak)
@@ -405,4 +467,5 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
                      comm.a2a_bwd_s, comm.fwd_exposed_s, comm.bwd_exposed_s, copy, copy, exposed, head, optimizer,
                      collectives, total, flops, mfu, comm, memo_layers=n_memo, input_layers=n_input,
                      kept_layers=keep, layer_input_recompute_s=input_recompute, input_copy_s=copy_in,
-                     mlp_recompute_s=mlp_f, recompute_per_step_s=recompute_step)
+                     mlp_recompute_s=mlp_f, recompute_per_step_s=recompute_step, param_copy_s=param_copy,
+                     grad_copy_s=grad_copy, param_offload_exposed_s=param_exposed)

@@ -24,7 +24,9 @@ NOTE [ Level-2 step timeline ]
      Trainer), so layer i's gradients (``L{i}.grad``, its share of the gradient bytes) appear
      at its backward and the rest (LM head, norm, embedding: ``grads.rest``) at the head step,
      all living to the step's end. ``Options.grads_persist`` (gradient accumulation across
-     micro-batches) keeps one ``gradients`` block for the whole step instead.
+     micro-batches) keeps one ``gradients`` block for the whole step instead, and so does
+     ``Options.offload_params``, whose block is one module's gradient buffer (NOTE [ Parameter
+     offload ] rule 2 in cost.py; its weights block is empty, its gather buffer rule 5's).
      Rules 6 and 7 are what the measured H100 peaks show (NOTE [ Measured H100 constants ] in
      cost.py): Llama-2-7B's peak is at its first layer's backward, weights + gradients + that
      layer's backward arena + its recompute, TinyLlama's at the head.
@@ -94,6 +96,7 @@ class Cluster:
 class Options:
     zero_stage: int = 0
     offload_optimizer: bool = False
+    offload_params: bool = False        # weights on the host too (ZeRO-3 only): NOTE [ Parameter offload ] in cost.py
     swap_ratio: Union[str, float] = "auto"
     keep_layers: Optional[int] = None   # None: the planner chooses (NOTE [ Policy choice ] rule 5)
     policy: str = "auto"                # "auto" (a mix), "memo" or "input": NOTE [ Policy choice ] rule 8
@@ -256,7 +259,7 @@ def _times(ctx: PlanContext, zero_stage: int, mix: Mix):
                      swap_bytes_other=s_other, keep_layers=mix.keep, zero_stage=zero_stage,
                      offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"], sp_backend=cl.sp_backend,
                      input_layers=mix.inputs, swap_bytes_input=s_in, tiled=prof.get("tile_tokens") is not None,
-                     mlp_saved_bytes=prof.get("mlp_saved_bytes", 0))
+                     mlp_saved_bytes=prof.get("mlp_saved_bytes", 0), offload_params=opt.offload_params)
 
 
 def _level2_allocs(ctx: PlanContext, states: dict, mix: Mix) -> tuple[list[Alloc], list[str]]:
@@ -264,7 +267,8 @@ def _level2_allocs(ctx: PlanContext, states: dict, mix: Mix) -> tuple[list[Alloc
     model = prof["model"]
     n = model["layers"]
     s_in, s_attn, s_other = swap_sizes(prof)
-    layer_grads = None if opt.grads_persist else \
+    # Rule 7; offloaded parameters keep one module's gradient buffer instead (NOTE [ Parameter offload ] rule 2).
+    layer_grads = None if opt.grads_persist or opt.offload_params else \
         int(states["gradients"] * layer_parameters(model) / model_parameters(model))
     return step_allocs(n, ctx.level1, states=states, shared=prof["saved_bytes"].get("shared", 0),
                        swap_bytes=int(s_in + s_attn + mix.alpha * s_other), kept_bytes=s_in + s_attn + s_other,
@@ -280,7 +284,8 @@ def choose_mix(ctx: PlanContext, zero_stage: int) -> dict:
     n = prof["model"]["layers"]
     sizes = LayerSizes(*swap_sizes(prof))
     states = model_state_bytes(prof["model"], zero_stage=zero_stage, ranks=cl.gpus,
-                               offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"])
+                               offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"],
+                               offload_params=opt.offload_params)
     budget = cl.host_memory / cl.gpus_per_node - states["host"]
     t_fwd = _times(ctx, zero_stage, Mix(n, 0, 0, 1.0)).layer_forward_s
 
@@ -336,7 +341,7 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     if not cand.host_fits or host_node > cl.host_memory * (1 + 1e-12):
         need = (n - keep) * s_in + states["host"]
         reasons.append(f"host memory: each rank needs at least {format_bytes(need)} (the inputs of {n - keep} layers "
-                       f"recomputing attention{' + offloaded optimizer' if states['host'] else ''}), "
+                       f"recomputing attention{_offloaded(opt) if states['host'] else ''}), "
                        f"{format_bytes(host_per_rank_budget)} available per rank")
     least = choice["least_host"]
     least_rank = None if least is None else least[1] + states["host"]
@@ -363,7 +368,8 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
         "sp_degrees": {"ulysses": degrees.ulysses, "ring": degrees.ring},
         "gpus": cl.gpus, "gpus_per_node": cl.gpus_per_node,
         "gpu": cl.gpu.to_dict(), "host_memory_bytes": int(cl.host_memory), "reserve_bytes": cl.reserve_bytes,
-        "zero_stage": zero_stage, "offload_optimizer": opt.offload_optimizer, "keep_layers": keep,
+        "zero_stage": zero_stage, "offload_optimizer": opt.offload_optimizer,
+        "offload_params": opt.offload_params, "keep_layers": keep,
         "keep_layers_chosen": opt.keep_layers is None,
         "layer_policies": policies, "tile_tokens": prof.get("tile_tokens"),
         "policy_counts": {p: policies.count(p) for p in ("memo", "input", "kept")},
@@ -407,10 +413,16 @@ def finish_plan(ctx: PlanContext, zero_stage: int, *, level2_time_limit: Optiona
     return plan
 
 
+def _offloaded(opt: Options) -> str:
+    return " + offloaded optimizer and weights" if opt.offload_params else " + offloaded optimizer"
+
+
 def plan_for_stages(ctx: PlanContext, stage: Optional[int]) -> tuple[dict, list[dict]]:
     """The plan at ``stage``, or (None) at the lowest ZeRO stage that fits (the highest stage
-    when none fits). Returns (plan, plans of every stage tried)."""
-    stages = [stage] if stage is not None else ([1, 2, 3] if ctx.options.offload_optimizer else [0, 1, 2, 3])
+    when none fits; stage 3 only with ``offload_params``). Returns (plan, plans of every stage tried)."""
+    opt = ctx.options
+    stages = [stage] if stage is not None else \
+        [3] if opt.offload_params else [1, 2, 3] if opt.offload_optimizer else [0, 1, 2, 3]
     tried = []
     for s in stages:
         plan = finish_plan(ctx, s)
@@ -425,7 +437,9 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
     """Rows of the memory table: (what, bytes per rank, live at the step's peak)."""
     live = plan["step"]["live_at_peak"]
     st = plan["model_states"]
-    rows = [("weights", st["weights"], "weights" in live), ("gradients", st["gradients"],
+    off = plan.get("offload_params", False)       # NOTE [ Parameter offload ] in cost.py
+    rows = [("weights" + (" (on the host: parameter offload)" if off else ""), st["weights"], "weights" in live),
+            ("gradients" + (" (one module's buffer; the rest on the host)" if off else ""), st["gradients"],
                                                                any(k == "gradients" or k.endswith((".grad", "grads.rest")) for k in live)),
             ("optimizer states (device)", st["optimizer"], "optimizer" in live)]
     if st["zero3_gather"]:

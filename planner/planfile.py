@@ -17,6 +17,9 @@ The runtime calls these from ``memo.wrap`` when ``MemoConfig(plan="plan.json")``
 ``tile_tokens`` (the MLP tile the plan's memory assumed; null: untiled) are checked when present;
 plans written before them read as "memo" for every layer but the last ``keep_layers`` ("kept")
 and untiled (``plan_layer_policies``, ``plan_tile_tokens``).
+``offload_params`` (the weights on the host: ZeRO-3 with DeepSpeed's ``offload_param``) is checked when
+present, with ``zero_stage`` and ``offload_optimizer``; plans without it kept the weights on the GPU
+(``plan_offload_params``).
 ``sp_backend`` is checked only when given; plans written before the field existed were made
 for the ring and read as ``"ring"`` (``plan_sp_backend``).
 
@@ -108,6 +111,7 @@ def _check_schema(plan, where: str) -> None:
     if not 0.0 <= float(plan["alpha"]) <= 1.0:
         raise PlanFileError(f"memo.plan: {where}: alpha {plan['alpha']} is outside [0, 1]; {fix}")
     _check_policies(plan, where, fix)
+    _check_offload(plan, where, fix)
     for part in ("forward", "backward"):
         layout = plan["layer"].get(part)
         if not isinstance(layout, dict):
@@ -125,6 +129,27 @@ def _check_schema(plan, where: str) -> None:
     for key in ("peak_bytes", "lower_bound_bytes"):
         if not isinstance(plan["step"].get(key), int):
             raise PlanFileError(f"memo.plan: {where}: step.{key} is missing or malformed; {fix}")
+
+
+def _check_offload(plan: dict, where: str, fix: str) -> None:
+    """``zero_stage``, ``offload_optimizer`` and ``offload_params``, where present: booleans, and parameter
+    offload only at ZeRO stage 3 with the optimizer offloaded (NOTE [ Parameter offload ] rule 3 in
+    cost.py). Plans older than ``offload_params`` kept the weights on the GPU."""
+    for key in ("offload_optimizer", "offload_params"):
+        if key in plan and not isinstance(plan[key], bool):
+            raise PlanFileError(f"memo.plan: {where}: {key} {plan[key]!r} is not true or false; {fix}")
+    stage = plan.get("zero_stage")
+    if stage is not None and (not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        raise PlanFileError(f"memo.plan: {where}: zero_stage {stage!r} is not 0, 1, 2 or 3; {fix}")
+    if plan.get("offload_params") and (stage != 3 or not plan.get("offload_optimizer")):
+        raise PlanFileError(f"memo.plan: {where}: offload_params needs zero_stage 3 and offload_optimizer, the plan "
+                            f"has zero_stage {stage!r} and offload_optimizer {plan.get('offload_optimizer')!r}; {fix} "
+                            f"--offload-optimizer --offload-params")
+
+
+def plan_offload_params(plan: dict) -> bool:
+    """Whether the plan keeps the weights on the host (plans older than the field did not)."""
+    return bool(plan.get("offload_params", False))
 
 
 def _check_policies(plan: dict, where: str, fix: str) -> None:

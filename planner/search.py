@@ -98,7 +98,7 @@ def max_fitting_seq_len_interp(evaluate: Callable[[int], tuple[bool, float]], *,
 
 def what_limits(plan: dict) -> dict:
     """What stops ``plan`` from fitting: ``{"kind": "weights and states" | "device arena" | "host memory" | "",
-    "detail": ...}``."""
+    "detail": ...}``; a device limit also says whether the plan offloads the parameters (``offload_params``)."""
     if plan["fits"]:
         return {"kind": "", "detail": ""}
     gpu_mem = plan["gpu"]["memory_bytes"]
@@ -106,10 +106,16 @@ def what_limits(plan: dict) -> dict:
     if any(r.startswith("host") for r in plan["reasons"]):
         return {"kind": "host memory", "detail": "; ".join(r for r in plan["reasons"] if r.startswith("host"))}
     states = st["device_total"] + plan["reserve_bytes"]
+    # NOTE [ Parameter offload ] in cost.py: what the model states are, and whether they could leave the GPU.
+    if plan.get("offload_params"):
+        held = "parameters offloaded: the ZeRO-3 gather buffer and one module's gradients"
+    else:
+        held = (f"weights and gradients on the GPU; --offload-params (ZeRO-3, --offload-optimizer) moves them to the "
+                f"host")
     if states >= gpu_mem:
         return {"kind": "weights and states",
                 "detail": f"weights, gradients and optimizer states need {format_bytes(states)} per GPU with the "
-                          f"reserve, of {format_bytes(gpu_mem)}"}
+                          f"reserve, of {format_bytes(gpu_mem)} ({held})", "offload_params": plan.get("offload_params", False)}
     live = plan["step"]["live_at_peak"]
     arena = max((b for k, b in live.items() if k.endswith((".bwd", ".fwd"))), default=0)
     state_live = sum(b for k, b in live.items() if k in ("weights", "gradients", "optimizer", "zero3_gather",
@@ -119,7 +125,8 @@ def what_limits(plan: dict) -> dict:
     return {"kind": "device arena",
             "detail": f"at {at}: layer arena {format_bytes(arena)} (backward {format_bytes(plan['layer']['backward']['peak_bytes'])}, "
                       f"forward {format_bytes(plan['layer']['forward']['peak_bytes'])}) + model states "
-                      f"{format_bytes(state_live)} + swap/recompute/head blocks {format_bytes(other)} + reserve "
-                      f"{format_bytes(plan['reserve_bytes'])} = {format_bytes(plan['predicted']['device_peak_bytes'])} "
-                      f"of {format_bytes(gpu_mem)}",
-            "layer_arena_bytes": arena, "model_state_bytes": state_live, "other_bytes": other}
+                      f"{format_bytes(state_live)} ({held}) + swap/recompute/head blocks {format_bytes(other)} + "
+                      f"reserve {format_bytes(plan['reserve_bytes'])} = "
+                      f"{format_bytes(plan['predicted']['device_peak_bytes'])} of {format_bytes(gpu_mem)}",
+            "layer_arena_bytes": arena, "model_state_bytes": state_live, "other_bytes": other,
+            "offload_params": plan.get("offload_params", False)}

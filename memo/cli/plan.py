@@ -50,6 +50,9 @@ def plan_command_parser(subparsers) -> None:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="ZeRO stage over all GPUs (default: the lowest that fits)")
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the host (CPU Adam)")
+    p.add_argument("--offload-params", action="store_true",
+                   help="weights on the host too, each layer's gathered to the GPU before its forward and backward "
+                        "(DeepSpeed ZeRO-3 offload_param; needs --offload-optimizer, ZeRO stage 3)")
     p.add_argument("--swap-ratio", default="auto", help="alpha of the 'memo' layers in [0, 1] or 'auto' (the "
                                                         "alpha program)")
     p.add_argument("--keep-layers", type=int, default=None,
@@ -67,8 +70,8 @@ def plan_command_parser(subparsers) -> None:
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds for each MIP (default 60)")
     p.add_argument("--no-mip", action="store_true", help="greedy layouts only (no MIP)")
     p.add_argument("--max-seq-len", action="store_true",
-                   help="also search the largest sequence length that fits, over ZeRO stages, optimizer offload "
-                        "and the layer policies, and say what limits it")
+                   help="also search the largest sequence length that fits, over ZeRO stages, optimizer and "
+                        "parameter offload and the layer policies, and say what limits it")
     p.add_argument("--out", default=None, help="write the plan (JSON) here, for MemoConfig(plan=...)")
     p.add_argument("--plot", default=None, help="write a PNG of the planned layouts here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
@@ -151,6 +154,13 @@ def _parse(args):
     if args.offload_optimizer and args.zero_stage == 0:
         raise MemoError("memo.plan: --offload-optimizer needs ZeRO stage 1, 2 or 3; pass --zero-stage 1 or drop "
                         "--zero-stage to let memo choose")
+    if args.offload_params and (not args.offload_optimizer or args.zero_stage not in (None, 3)):
+        # NOTE [ Parameter offload ] rule 3 in planner/cost.py.
+        raise MemoError(f"memo.plan: --offload-params needs --offload-optimizer and ZeRO stage 3 (only stage 3 "
+                        f"partitions the weights; their gradients go to the host for CPU Adam); add "
+                        f"{'--offload-optimizer' if not args.offload_optimizer else ''}"
+                        f"{' and ' if not args.offload_optimizer and args.zero_stage not in (None, 3) else ''}"
+                        f"{'--zero-stage 3 (or drop --zero-stage)' if args.zero_stage not in (None, 3) else ''}")
     if args.sp_backend not in SP_BACKENDS:
         raise MemoError(f"memo.plan: --sp-backend {args.sp_backend!r} is not one of {', '.join(SP_BACKENDS)}; pass one "
                         f"of those (ring, the default, works for any head count)")
@@ -212,7 +222,7 @@ class _Planner:
         return self._cache[key]
 
     def quick(self, seq_len: int, *, gpus: int, sp: int, host: int, stage: Optional[int], offload: bool,
-              swap) -> Optional[dict]:
+              swap, params: bool = False) -> Optional[dict]:
         """The plan with greedy layouts (no MIP) at the lowest ZeRO stage that fits, or None when the
         SP backend cannot split this model over ``sp`` ranks."""
         from memo.planner.plan import Options, PlanContext, plan_for_stages
@@ -223,7 +233,7 @@ class _Planner:
             return None                    # e.g. more GPUs than the heads allow Ulysses to split over
         prof, l1 = self.level1(seq_len, sp, deg)
         opts = Options(offload_optimizer=offload, swap_ratio=swap, keep_layers=self.args.keep_layers, use_mip=False,
-                       policy=self.args.policy)
+                       policy=self.args.policy, offload_params=params)
         plan, _ = plan_for_stages(PlanContext(prof, cl, opts, l1), stage)
         return plan
 
@@ -258,7 +268,8 @@ def _plan(args) -> int:
                  f"{len(prof['backward']['allocs'])} backward allocations)")
 
     def options(use_mip: bool) -> Options:
-        return Options(offload_optimizer=args.offload_optimizer, swap_ratio=swap, keep_layers=args.keep_layers,
+        return Options(offload_optimizer=args.offload_optimizer, offload_params=args.offload_params, swap_ratio=swap,
+                       keep_layers=args.keep_layers,
                        time_limit=args.time_limit, use_mip=use_mip, policy=args.policy)
 
     # Greedy layouts first: the MIP runs only where it can change the answer (NOTE [ MIP plan is exact ]
@@ -292,14 +303,16 @@ def _plan(args) -> int:
                      + (f" ({before} per GPU)" if before else ""))
 
     def fits_at(s: int, *, gpus: int = args.gpus, sp_: int = sp, host_: int = host,
-                stage=args.zero_stage, offload: bool = args.offload_optimizer, swap_=swap) -> bool:
+                stage=args.zero_stage, offload: bool = args.offload_optimizer, swap_=swap,
+                params: bool = args.offload_params) -> bool:
         """Does the job fit with these changes? Greedy layouts, the policies chosen again."""
-        return planner.fits(s, gpus=gpus, sp=sp_, host=host_, stage=stage, offload=offload, swap=swap_)
+        return planner.fits(s, gpus=gpus, sp=sp_, host=host_, stage=stage, offload=offload, swap=swap_,
+                            params=params)
 
     granularity = 2 * sp * -(-8192 // (2 * sp))
     if args.max_seq_len or not plan["fits"]:
         progress.say("searching the largest sequence length that fits (greedy layouts; ZeRO stages, optimizer "
-                     "offload and layer policies)")
+                     "and parameter offload, layer policies)")
         plan["max_seq_len_search"] = _max_length(planner, plan, seq_len=seq_len, sp=sp, host=host, swap=swap,
                                                  granularity=granularity)
         plan["max_seq_len"] = plan["max_seq_len_search"]["max_seq_len"]
@@ -326,28 +339,35 @@ def _plan(args) -> int:
 
 def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: int, swap, granularity: int) -> dict:
     """The largest length that fits on this cluster with any ZeRO stage (or the one given), with or
-    without optimizer offload, and the layer policies chosen at each length; the options used
+    without optimizer offload (then with the parameters offloaded too, at ZeRO stage 3), and the
+    layer policies chosen at each length; the options used
     there and what limits the next length. Bounded: no length beyond what the host holds with
     every layer keeping only its input."""
     from memo.planner.policies import MAX_KEEP
     from memo.planner.search import max_fitting_seq_len_interp, what_limits
     args = planner.args
     stage = args.zero_stage
-    offloads = (False, True) if stage != 0 else (False,)
+    # (optimizer, parameters) offloaded, in the order tried: each costs host memory and time (parameter
+    # offload: NOTE [ Step-time model ] rule 9 in planner/cost.py), and only ZeRO-3 offloads parameters.
+    offloads = [(False, False)] if stage == 0 else [(False, False), (True, False)]
+    if stage in (None, 3):
+        offloads.append((True, True))
     best: dict = {}
 
-    def loosest(off: bool) -> Optional[int]:
+    def loosest(off: bool, params: bool) -> Optional[int]:
         """The ZeRO stage with the least device memory: 3 over several ranks; over one rank sharding
-        saves nothing and stage 3 adds a gather buffer (the least stage offload allows)."""
+        saves nothing and stage 3 adds a gather buffer (the least stage offload allows), unless the
+        parameters are offloaded (stage 3 only)."""
         if stage is not None:
             return stage
-        return 3 if args.gpus > 1 else (1 if off else 0)
+        return 3 if args.gpus > 1 or params else (1 if off else 0)
 
     def at(s: int) -> Optional[dict]:
         """The fitting plan at ``s`` (no offload first: it costs host memory and optimizer time)."""
         last = None
-        for off in offloads:
-            p = planner.quick(s, gpus=args.gpus, sp=sp, host=host, stage=loosest(off), offload=off, swap=swap)
+        for off, params in offloads:
+            p = planner.quick(s, gpus=args.gpus, sp=sp, host=host, stage=loosest(off, params), offload=off, swap=swap,
+                              params=params)
             if p is None:
                 return None
             last = p
@@ -384,8 +404,9 @@ def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: i
     if found:
         p = best["ok"][found]   # at the lowest ZeRO stage that fits, as a plan would choose it
         p = planner.quick(found, gpus=args.gpus, sp=sp, host=host, stage=stage, offload=p["offload_optimizer"],
-                          swap=swap) if stage is None else p
+                          swap=swap, params=p["offload_params"]) if stage is None else p
         out["options"] = {"zero_stage": p["zero_stage"], "offload_optimizer": p["offload_optimizer"],
+                          "offload_params": p["offload_params"],
                           "keep_layers": p["keep_layers"], "policy_counts": p["policy_counts"],
                           "alpha": p["alpha"], "tile_tokens": p["tile_tokens"],
                           "step_time_s": p["predicted"]["step_time_s"], "mfu": p["predicted"]["mfu"],
@@ -446,6 +467,9 @@ def _suggestions(plan: dict, fits_at, seq_len: int, args, sp: int, host: int, sw
     if not args.offload_optimizer and fits_at(seq_len, offload=True,
                                               stage=None if args.zero_stage in (None, 0) else args.zero_stage):
         out.append("--offload-optimizer")
+    elif not args.offload_params and args.zero_stage in (None, 3) and fits_at(seq_len, offload=True, params=True,
+                                                                               stage=3):
+        out.append("--offload-optimizer --offload-params" if not args.offload_optimizer else "--offload-params")
     if swap != "auto" and any(r.startswith("host") for r in plan["reasons"]) and fits_at(seq_len, swap_="auto"):
         out.append("--swap-ratio auto (the largest ratio the host memory holds)")
     if any(r.startswith("host") for r in plan["reasons"]):
@@ -487,7 +511,8 @@ def _report(plan: dict) -> None:
     if plan.get("zero_stage_chosen") and not plan["fits"]:
         chosen = " (no stage fits; showing the highest)"
     print(f"ZeRO:      stage {plan['zero_stage']}{chosen}"
-          f"{', optimizer offloaded to the host' if plan['offload_optimizer'] else ''}")
+          f"{', optimizer offloaded to the host' if plan['offload_optimizer'] else ''}"
+          f"{', weights too (parameter offload)' if plan.get('offload_params') else ''}")
     for t in plan.get("stages_tried", [])[:-1]:
         print(f"           stage {t['zero_stage']} would need {fb(t['device_peak_bytes'])} per GPU")
     print()
@@ -540,13 +565,19 @@ def _report(plan: dict) -> None:
         print(f"           recompute per step {t['recompute_per_step_s']:.1f} s: 'memo' layers "
               f"{t['layer_recompute_s']:.2f} s each, 'input' layers {t['layer_input_recompute_s']:.2f} s each "
               f"(attention again), tiled MLP {t['mlp_recompute_s']:.2f} s per layer")
+    if plan.get("offload_params"):
+        # NOTE [ Step-time model ] rule 9 in planner/cost.py.
+        print(f"           parameter offload per layer: weights in {_secs(t['param_copy_s'])} (forward, again in "
+              f"backward), gradients out {_secs(t['grad_copy_s'])}; exposed {_secs(t['param_offload_exposed_s'])} "
+              f"per step")
     print(_sp_comm_line(plan))
     search = plan.get("max_seq_len_search")
     if search is not None:
         o = search.get("options")
         if o:
             print(f"max length: {search['max_seq_len']:,} tokens fit on this cluster with ZeRO stage {o['zero_stage']}"
-                  f"{', optimizer offloaded' if o['offload_optimizer'] else ', optimizer on the GPUs'}, "
+                  f"{', optimizer offloaded' if o['offload_optimizer'] else ', optimizer on the GPUs'}"
+                  f"{', parameters offloaded' if o.get('offload_params') else ''}, "
                   f"{_count_text(o['policy_counts'])}, MLP {'tile ' + format(o['tile_tokens'], ',') if o['tile_tokens'] else 'untiled'}: "
                   f"step {o['step_time_s']:.1f} s, MFU {o['mfu']:.1%} (greedy layouts)")
         else:
