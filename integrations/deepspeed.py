@@ -268,16 +268,20 @@ def decoder_layer_classes(model_type: str) -> list[str]:
 
 def memo_zero_config(plan_or_stage: Union[int, dict, str, os.PathLike], *, micro_batch: Optional[int] = None,
                      gradient_accumulation_steps: int = 1, dtype: Optional[str] = None,
-                     offload_optimizer: Optional[bool] = None, model: Any = None) -> dict:
+                     offload_optimizer: Optional[bool] = None, offload_params: Optional[bool] = None,
+                     model: Any = None) -> dict:
     """The DeepSpeed config for a ZeRO stage, or for the one a ``memo plan`` chose.
 
     ``plan_or_stage``: a ZeRO stage (0-3), a plan dict, or the path of a plan file (``memo plan --out``;
     JSON, read with the schema checks of ``memo.planner.planfile``). From a plan come ``zero_stage``,
-    ``offload_optimizer``, ``dtype`` and ``micro_batch``; keyword arguments given explicitly override
-    them. Returns a dict for ``deepspeed.initialize(config=...)`` or Accelerate:
+    ``offload_optimizer``, ``offload_params``, ``dtype`` and ``micro_batch``; keyword arguments given
+    explicitly override them. Returns a dict for ``deepspeed.initialize(config=...)`` or Accelerate:
 
     - ``zero_optimization.stage``; ``offload_optimizer: {device: cpu, pin_memory: true}`` when the
       plan offloads the optimizer (DeepSpeed's CPU Adam; stages 1-3 only);
+    - ``offload_param: {device: cpu, pin_memory: <CUDA available>}`` when the plan offloads the
+      parameters (``memo plan --offload-params``: stage 3 with the optimizer offloaded; NOTE [ Parameter
+      offload ] in planner/cost.py); pinned only where CUDA can use it;
     - ``bf16`` / ``fp16`` enabled for those dtypes, neither for fp32;
     - ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps`` (DeepSpeed derives the
       global batch from the data-parallel world);
@@ -305,6 +309,14 @@ def memo_zero_config(plan_or_stage: Union[int, dict, str, os.PathLike], *, micro
     if offload and stage == 0:
         raise MemoError(f"{_WHO}.memo_zero_config: offload_optimizer needs ZeRO stage 1, 2 or 3 (it offloads the "
                         f"sharded optimizer states); use stage 1 or drop offload_optimizer")
+    params = plan.get("offload_params", False) if offload_params is None else offload_params
+    if not isinstance(params, bool):
+        raise MemoError(f"{_WHO}.memo_zero_config: offload_params={params!r} must be True or False")
+    if params and (stage != 3 or not offload):
+        raise MemoError(f"{_WHO}.memo_zero_config: offload_params needs ZeRO stage 3 and offload_optimizer (only "
+                        f"stage 3 partitions the weights, and their gradients go to the host for CPU Adam); got "
+                        f"stage {stage}{'' if offload else ' without offload_optimizer'}: use stage 3 with "
+                        f"offload_optimizer=True, or drop offload_params")
     dt = dtype if dtype is not None else plan.get("dtype", "fp32")
     if str(dt).lower() not in _DTYPES:
         raise MemoError(f"{_WHO}.memo_zero_config: dtype={dt!r} is not one of bf16, fp16, fp32")
@@ -316,6 +328,11 @@ def memo_zero_config(plan_or_stage: Union[int, dict, str, os.PathLike], *, micro
     if offload:
         # pinned host buffers make the CPU Adam's copies asynchronous; DeepSpeed pins only on accelerators
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if params:
+        import torch
+        # the weights live on the host and are gathered to the device layer by layer; pinned buffers make those
+        # copies asynchronous on CUDA, and there is nothing to pin for without it
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if stage == 3:
         classes = layer_class_names(model) if model is not None else decoder_layer_classes(
             plan.get("model", {}).get("model_type", ""))

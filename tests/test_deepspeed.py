@@ -120,6 +120,41 @@ def test_refusals_inside_a_run(runs):
         assert "before deepspeed.initialize" in res["late_prepare"]
 
 
+@pytest.fixture(scope="module")
+def offload_run():
+    if not HAS_DEEPSPEED:
+        pytest.skip("DeepSpeed is not installed")
+    return launch("ds_offload_cases.py", 1, timeout=300)[0]
+
+
+@needs_deepspeed
+def test_zero3_parameter_offload_trains_like_the_plain_model(offload_run):
+    """ZeRO-3 with the weights and the optimizer on the host (``memo plan --offload-params``; NOTE [ Parameter
+    offload ] in planner/cost.py), one process on DeepSpeed's CPU accelerator: the memo twin, whose
+    recomputations gather their layer's weights from the host, trains like the plain model under the same
+    config (the bound of the other ZeRO cases, losses and weights), and the plain model like torch."""
+    res = offload_run
+    zero = res["config"]["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": False}     # no CUDA here: nothing to pin
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    plain, got = res["plain"], res["memo"]
+    for run in (plain, got):   # DeepSpeed took the config: weights and optimizer offloaded, shards on the host
+        assert (run["offload_param"], run["offload_optimizer"], run["shard_devices"]) == ("cpu", "cpu", ["cpu"])
+    _check_same_losses(plain["losses"], got["losses"])
+    _check_recomputes(got, partitioned=True)
+    for name, ref in plain["params"].items():
+        tol = 4 * STEPS * _spacing(ref.abs().max().item())
+        assert (got["params"][name] - ref).abs().max().item() <= tol, name
+        assert not torch.equal(ref, plain["initial"][name]), f"{name} was not trained"
+    # DeepSpeed's AdamW steps flat fp32 partitions and rounds unlike torch's per-tensor one: the same first
+    # loss (the offloaded weights reach the forward exactly), then within 8 spacings per update (measured 8
+    # after two).
+    ref = res["torch"]["losses"]
+    assert torch.equal(ref[0], plain["losses"][0])
+    for step in range(1, STEPS):
+        assert abs(ref[step].item() - plain["losses"][step].item()) <= 8 * step * _spacing(ref[step].item())
+
+
 # --- the config a plan maps to -------------------------------------------------------------------
 
 def test_plan_file_maps_to_the_deepspeed_config(tmp_path, capsys):
@@ -160,6 +195,23 @@ def test_stage_dtype_and_offload(stage, dtype, offload):
     assert memo_zero_config(stage) == memo_zero_config({"zero_stage": stage})
 
 
+def test_parameter_offload_from_the_plan(monkeypatch):
+    """``offload_params`` in a plan (``memo plan --offload-params``) becomes DeepSpeed's ``offload_param``,
+    pinned only where CUDA is there to use pinned memory; plans without the field keep the weights on the GPU."""
+    plan = {"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "model": {"model_type": "llama"}}
+    zero = memo_zero_config(plan)["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert memo_zero_config(plan)["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memo_zero_config(plan)["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert "offload_param" not in memo_zero_config(plan, offload_params=False)["zero_optimization"]
+    older = {k: v for k, v in plan.items() if k != "offload_params"}
+    assert "offload_param" not in memo_zero_config(older)["zero_optimization"]
+    assert "offload_param" in memo_zero_config(older, offload_params=True)["zero_optimization"]
+
+
 def test_stage3_leaf_module_from_the_model_and_its_type():
     from models import build
     model = memo.wrap(build("mistral"), memo.MemoConfig(swap_ratio=0.5, host_memory_budget="1GiB"))
@@ -178,6 +230,9 @@ def test_stage3_leaf_module_from_the_model_and_its_type():
     (True, {}, "zero stage=True must be an int"),
     (-1, {}, "zero stage=-1 must be an int >= 0"),
     (0, {"offload_optimizer": True}, "offload_optimizer needs ZeRO stage 1, 2 or 3"),
+    (3, {"offload_params": True}, "offload_params needs ZeRO stage 3 and offload_optimizer"),
+    (2, {"offload_params": True, "offload_optimizer": True}, "got stage 2: use stage 3 with offload_optimizer=True"),
+    (3, {"offload_params": 1, "offload_optimizer": True}, "offload_params=1 must be True or False"),
     (1, {"dtype": "int8"}, "dtype='int8' is not one of bf16, fp16, fp32"),
     (1, {"micro_batch": 0}, "micro_batch=0 must be an int >= 1"),
     ({"alpha": 0.5}, {}, "the plan has no 'zero_stage'; make it again with `memo plan"),
