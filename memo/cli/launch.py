@@ -50,6 +50,7 @@ import sys
 import tempfile
 from typing import Optional
 
+from memo.cli.emit_config import check_launch
 from memo.errors import MemoError
 
 MAX_CONFIG_BYTES = 1 << 20        # an accelerate config is a few hundred bytes; 1 MiB is generous
@@ -228,6 +229,7 @@ def _describe(launch: dict) -> str:
 def launch_command(args) -> int:
     try:
         config, settings = read_config(args.config_file)
+        check_launch(config, settings, args.config_file)   # NOTE [ Plan to launch ] rule 4
         deepspeed = deepspeed_from_plan(config, settings)
         if os.path.isdir(args.script):
             raise MemoError(f"memo.launch: script {args.script!r} is a directory; pass the path of a training script "

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Optional
 
+from memo.cli import emit_config
 from memo.errors import MemoError
 from memo.planner.cost import SP_BACKENDS, SPBackendError, UnknownGPU, get_gpu
 from memo.planner.units import UnitError, format_bytes, parse_bandwidth, parse_bytes, parse_count
@@ -73,6 +74,9 @@ def plan_command_parser(subparsers) -> None:
                    help="also search the largest sequence length that fits, over ZeRO stages, optimizer and "
                         "parameter offload and the layer policies, and say what limits it")
     p.add_argument("--out", default=None, help="write the plan (JSON) here, for MemoConfig(plan=...)")
+    p.add_argument("--emit-config", default=None, metavar="RUN_YAML",
+                   help="also write the Accelerate config with memo's section that runs the plan: memo launch "
+                        "--config_file RUN_YAML train.py (needs --out; NOTE [ Plan to launch ] in memo/cli/emit_config.py)")
     p.add_argument("--plot", default=None, help="write a PNG of the planned layouts here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument("--from-plan", default=None, metavar="PLAN_JSON",
@@ -251,6 +255,7 @@ def _plan(args) -> int:
         return _show_plan(args)
     t_start = time.perf_counter()
     seq_len, host, reserve, gpu, sp, swap = _parse(args)
+    emit_config.check_args(args, sp)
     model = load_model(args.model)
     progress = _Progress(enabled=True)
     planner = _Planner(args, model, gpu, reserve, progress)
@@ -274,8 +279,8 @@ def _plan(args) -> int:
 
     # Greedy layouts first: the MIP runs only where it can change the answer (NOTE [ MIP plan is exact ]
     # rule 2: it can only lower a greedy peak, never below the lower bound the policy choice already uses).
-    plan, tried = plan_for_stages(PlanContext(prof, cluster, options(False), greedy_l1, model.get("name", "")),
-                                  args.zero_stage)
+    plan, tried = emit_config.plan_for_launch(   # the stages the launch config can run: NOTE [ Plan to launch ]
+        plan_for_stages, PlanContext(prof, cluster, options(False), greedy_l1, model.get("name", "")), args, sp)
     mip_note = "not asked (--no-mip)" if args.no_mip else ""
     if not args.no_mip:
         l1_gap = greedy_l1.forward.peak > greedy_l1.forward.lower_bound or \
@@ -288,8 +293,8 @@ def _plan(args) -> int:
             level1 = solve_level1(prof, degrees=degrees, time_limit=args.time_limit, use_mip=True,
                                   progress=progress) if l1_gap else greedy_l1
             progress.say(f"Level 1 solved: forward {level1.forward.status}; backward {level1.backward.status}")
-            plan, tried = plan_for_stages(PlanContext(prof, cluster, options(True), level1, model.get("name", "")),
-                                          args.zero_stage)
+            plan, tried = emit_config.plan_for_launch(
+                plan_for_stages, PlanContext(prof, cluster, options(True), level1, model.get("name", "")), args, sp)
             mip_note = "run" if l1_gap else "Level 1 not needed (greedy layouts at their lower bounds)"
     plan["mip"] = mip_note
     plan["stages_tried"] = [{"zero_stage": p["zero_stage"], "fits": p["fits"],
@@ -334,6 +339,10 @@ def _plan(args) -> int:
     if args.out:
         _write(args.out, "plan", lambda: write_plan(args.out, plan))
         progress.say(f"wrote {args.out} (use it with memo.MemoConfig(plan={args.out!r}))")
+    if args.emit_config:
+        config = emit_config.write(args.emit_config, plan, args.out)
+        progress.say(f"wrote {args.emit_config} ({config['distributed_type']}; run it with memo launch --config_file "
+                     f"{args.emit_config} train.py)")
     return 0
 
 
