@@ -31,7 +31,6 @@ NOTE [ Profiler allocation steps ]
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import weakref
@@ -44,11 +43,12 @@ from torch.utils._pytree import tree_flatten
 
 from memo.errors import MemoError
 from memo.planner.layout import Alloc
-from memo.planner.presets import UnknownPreset, get_preset, identity_of
+from memo.planner.presets import ModelBoundsError, UnknownPreset, check_model_bounds, get_preset, identity_of
 from memo.trace import ATTENTION_KERNELS, AttentionKernelMode, Classifier, LayerCall, attention_output_kind
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 _CANONICAL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+MAX_CONFIG_BYTES = 16 << 20   # a config.json is a few KB (large label maps: ~1 MB); read no more than this
 
 
 # --- model identity ------------------------------------------------------------------------------
@@ -103,14 +103,9 @@ def load_model(spec: str) -> dict:
             return get_preset(spec)
         except UnknownPreset as e:
             raise MemoError(f"memo.plan: {e}") from e
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise MemoError(f"memo.plan: cannot read model config {path!r} ({e.strerror}); pass a preset name or the "
-                        f"path of a config.json") from e
-    except json.JSONDecodeError as e:
-        raise MemoError(f"memo.plan: {path!r} is not valid JSON ({e}); pass a Hugging Face config.json") from e
+    from memo.planner.planfile import read_json
+    raw = read_json(path, limit=MAX_CONFIG_BYTES, what="model config", error=MemoError,
+                    fix="pass a preset name or the path of a Hugging Face config.json (a few KB)")
     if not isinstance(raw, dict):
         raise MemoError(f"memo.plan: {path!r} holds a {type(raw).__name__}, not a config object; pass a Hugging "
                         f"Face config.json")
@@ -118,6 +113,10 @@ def load_model(spec: str) -> dict:
     if not model_type:
         raise MemoError(f"memo.plan: {path!r} lacks model_type; add e.g. \"model_type\": \"llama\"")
     model = _identity_from_mapping(raw.get, model_type, repr(path))
+    try:
+        check_model_bounds(model, f"memo.plan: model config {path!r}")
+    except ModelBoundsError as e:
+        raise MemoError(str(e)) from e
     model["name"] = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
     for extra in ("rope_theta", "sliding_window", "rms_norm_eps", "tie_word_embeddings"):
         if raw.get(extra) is not None:

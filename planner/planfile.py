@@ -40,8 +40,11 @@ from typing import Optional
 
 from .cost import SP_BACKENDS
 from .policies import POLICIES
-from .presets import IDENTITY_FIELDS
+from .presets import IDENTITY_FIELDS, ModelBoundsError, check_model_bounds
 from .plan import PLAN_VERSION
+
+
+MAX_PLAN_BYTES = 64 << 20     # a plan is ~100 KB (7B at 1M tokens), a few MB at the model bounds
 
 
 class PlanFileError(ValueError):
@@ -75,19 +78,32 @@ def write_plan(path: str, plan: dict) -> None:
 
 def load_plan(path: str) -> dict:
     """Read and validate a plan file; raises ``PlanFileError`` naming what is wrong and the fix."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise PlanFileError(f"memo.plan: cannot read plan file {path!r} ({e.strerror}); make one with "
-                            f"`memo plan ... --out {path}`") from e
-    try:
-        plan = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PlanFileError(f"memo.plan: plan file {path!r} is not valid JSON ({e.msg} at line {e.lineno}); it is "
-                            f"corrupt or truncated: make it again with `memo plan ... --out {path}`") from e
+    plan = read_json(path, limit=MAX_PLAN_BYTES, what="plan file", error=PlanFileError,
+                     fix=f"it is not a whole plan (a plan is a few MB at most): make it again with `memo plan ... "
+                         f"--out {path}`")
     _check_schema(plan, f"plan file {path!r}")
     return plan
+
+
+def read_json(path: str, *, limit: int, what: str, fix: str, error=PlanFileError):
+    """The JSON in ``path``, read as at most ``limit`` bytes of UTF-8 (so a huge or binary file costs
+    no more than ``limit``); ``error`` naming ``what``, the path, the problem and ``fix`` otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"memo.plan: cannot read {what} {path!r} ({e.strerror}); {fix}") from e
+    if len(data) > limit:
+        raise error(f"memo.plan: {what} {path!r} is larger than {limit:,} bytes; {fix}")
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise error(f"memo.plan: {what} {path!r} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                    f"{fix}") from e
+    except json.JSONDecodeError as e:
+        raise error(f"memo.plan: {what} {path!r} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from e
+    except RecursionError as e:
+        raise error(f"memo.plan: {what} {path!r} nests too deeply to be JSON memo reads; {fix}") from e
 
 
 def _check_schema(plan, where: str) -> None:
@@ -105,6 +121,10 @@ def _check_schema(plan, where: str) -> None:
     missing = [k for k in IDENTITY_FIELDS if k not in plan["model"]]
     if missing:
         raise PlanFileError(f"memo.plan: {where}: model identity lacks {', '.join(missing)}; {fix}")
+    try:
+        check_model_bounds(plan["model"], f"memo.plan: {where}: model")
+    except ModelBoundsError as e:
+        raise PlanFileError(f"{e}; or {fix}") from e
     if plan_sp_backend(plan) not in SP_BACKENDS:
         raise PlanFileError(f"memo.plan: {where}: sp_backend {plan['sp_backend']!r} is not one of "
                             f"{', '.join(SP_BACKENDS)}; {fix}")

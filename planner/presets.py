@@ -55,6 +55,41 @@ def get_preset(name: str) -> dict:
     return dict(PRESETS[key], name=key)
 
 
+# NOTE [ Bounded model sizes ]
+#
+# 1. The planner's work grows with the model's numbers: lists and Level-2 allocations per layer,
+#    head and vocabulary terms in the cost model. A config with 10**9 layers once used 23.5 GB
+#    before it was killed. ``check_model_bounds`` refuses any number above MODEL_BOUNDS before
+#    anything is profiled or allocated.
+# 2. The bounds are above every published decoder (at most ~130 layers, hidden 25,600, intermediate
+#    ~100K, up to 232 heads, head size 256, vocabulary ~260K) and low enough that a plan at the bounds
+#    is answered in bounded time and memory: the layer-policy search grows as layers squared, and a
+#    job at the bounds that does not fit (256 layers, hidden 2**17, 4096 heads, vocabulary 2**24,
+#    1M tokens on 8 GPUs) took 3 minutes and 0.4 GB (tests/test_plan_bounds.py refuses the 10**9
+#    layer config in seconds under a 2 GiB address-space limit).
+MODEL_BOUNDS = {"layers": 256, "hidden": 1 << 17, "intermediate": 1 << 20, "heads": 1024, "kv_heads": 1024,
+                "head_dim": 1 << 14, "vocab": 1 << 24}
+
+
+class ModelBoundsError(ValueError):
+    """A model number that is not a positive int or exceeds MODEL_BOUNDS; the message says which."""
+
+
+def check_model_bounds(model: dict, where: str) -> None:
+    """NOTE [ Bounded model sizes ]: every number of the identity a positive int within MODEL_BOUNDS,
+    kv_heads dividing heads; raises ``ModelBoundsError`` naming the field, its value and the bound."""
+    for key, bound in MODEL_BOUNDS.items():
+        value = model.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelBoundsError(f"{where}: {key} is {value!r}, not a positive integer; fix the config")
+        if value > bound:
+            raise ModelBoundsError(f"{where}: {key} = {value:,} exceeds memo's bound of {bound:,}, above every "
+                                   f"published decoder (NOTE [ Bounded model sizes ]); check the config's numbers")
+    if model["heads"] % model["kv_heads"]:
+        raise ModelBoundsError(f"{where}: {model['heads']} attention heads are not a multiple of {model['kv_heads']} "
+                               f"kv heads; fix the config")
+
+
 def identity_of(model: dict) -> dict:
     """Only the shape-defining fields of a model dict, in a fixed order."""
     return {k: model[k] for k in IDENTITY_FIELDS}

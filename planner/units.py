@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _BINARY = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
@@ -31,7 +32,7 @@ def parse_bytes(value: int | float | str) -> int:
     number, prefix, binary, b = m.groups()
     prefix = prefix.lower()
     table = _DECIMAL if (b and not binary) else _BINARY
-    return int(float(number) * table[prefix])
+    return int(_finite(float(number) * table[prefix], value, "size"))
 
 
 def parse_count(value: int | str) -> int:
@@ -44,13 +45,13 @@ def parse_count(value: int | str) -> int:
     m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*([kmg]?)\s*$", str(value), re.IGNORECASE)
     if not m:
         raise UnitError(f"cannot read count {value!r}; write e.g. 131072, 128K or 1M")
-    return int(float(m.group(1)) * _BINARY[m.group(2).lower()])
+    return int(_finite(float(m.group(1)) * _BINARY[m.group(2).lower()], value, "count"))
 
 
 def parse_bandwidth(value: int | float | str) -> float:
     """``"25GB/s"`` -> 25e9 bytes per second (decimal, as link speeds are quoted)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), value, "bandwidth")
     text = str(value).strip()
     if text.lower().endswith("/s"):
         text = text[:-2]
@@ -59,7 +60,16 @@ def parse_bandwidth(value: int | float | str) -> float:
         raise UnitError(f"cannot read bandwidth {value!r}; write e.g. 25GB/s")
     number, prefix, binary, _ = m.groups()
     table = _BINARY if binary else _DECIMAL
-    return float(number) * table[prefix.lower()]
+    return _finite(float(number) * table[prefix.lower()], value, "bandwidth")
+
+
+def _finite(x: float, value, what: str) -> float:
+    """``x`` if finite: a string of hundreds of digits reads as infinity."""
+    if not math.isfinite(x):
+        text = str(value)
+        raise UnitError(f"{what} {text if len(text) <= 40 else text[:37] + '...'} is not a finite number; write e.g. "
+                        f"64GiB, 1M or 25GB/s")
+    return x
 
 
 def format_bytes(n: float) -> str:
