@@ -126,6 +126,7 @@ def _parse(args):
                      "memory_bytes": parse_bytes(args.gpu_memory) if args.gpu_memory else None}
     except UnitError as e:
         raise MemoError(f"memo.plan: {e}") from e
+    _check_numbers(args, seq_len=seq_len, host=host, reserve=reserve, overrides=overrides)
     try:
         gpu = get_gpu(args.gpu, **overrides)
     except UnknownGPU as e:
@@ -134,10 +135,6 @@ def _parse(args):
     if args.gpus < 1 or sp < 1 or args.gpus % sp:
         raise MemoError(f"memo.plan: --gpus {args.gpus} is not a multiple of --sp {sp}; the GPUs form gpus/sp "
                         f"data-parallel groups of sp ranks: choose --sp dividing --gpus")
-    if args.micro_batch < 1:
-        raise MemoError(f"memo.plan: --micro-batch {args.micro_batch} must be >= 1")
-    if args.keep_layers is not None and args.keep_layers < 0:
-        raise MemoError(f"memo.plan: --keep-layers {args.keep_layers} must be >= 0 (or left out: the planner chooses)")
     args.tile = _tile(args.tile_tokens)
     if args.swap_ratio != "auto":
         # A given ratio describes a run without a plan: the runtime runs "memo" on every swapped layer
@@ -168,9 +165,84 @@ def _parse(args):
     if args.sp_backend not in SP_BACKENDS:
         raise MemoError(f"memo.plan: --sp-backend {args.sp_backend!r} is not one of {', '.join(SP_BACKENDS)}; pass one "
                         f"of those (ring, the default, works for any head count)")
-    if args.time_limit <= 0:
-        raise MemoError(f"memo.plan: --time-limit {args.time_limit} must be positive seconds")
     return seq_len, host, reserve, gpu, sp, swap
+
+
+# NOTE [ Bounded plan flags ]
+#
+# 1. Every numeric flag is checked before the model is loaded: counts and sizes positive (--reserve
+#    and --keep-layers may be 0), floats finite (nan compares false with every bound and once
+#    printed "fits: yes"; a zero bandwidth or GPU count divided by zero deep in the cost model).
+# 2. Counts that the planner's work grows with have upper bounds far above any machine room:
+#    --gpus, --gpus-per-node, --micro-batch and --loss-chunk at most MAX_COUNT, --time-limit at most
+#    MAX_TIME_LIMIT_S, the tokens per rank by rule 3. The model's own numbers: NOTE [ Bounded model
+#    sizes ] in planner/presets.py.
+# 3. The profile runs one decoder layer's MLP tile by tile, so its time grows with the tiles per rank
+#    (4M tokens per rank, 512 tiles: 60 s; 16M, 2048 tiles: 4.3 min). A rank holds at most
+#    MAX_LOCAL_TOKENS tokens (8M: one 7B layer input alone is then 64 GiB, beyond any GPU) in at
+#    most MAX_TILES MLP tiles (auto's tiles are at least 4096 tokens: 2048 at 8M), and the
+#    --max-seq-len search stays within both.
+MAX_COUNT = 1 << 20
+MAX_LOCAL_TOKENS = 1 << 23
+MAX_TILES = 2048
+MAX_TIME_LIMIT_S = 24 * 3600.0
+
+
+def _longest_local(args) -> int:
+    """The most tokens per rank NOTE [ Bounded plan flags ] rule 3 allows with this --tile-tokens."""
+    tile = args.tile if isinstance(args.tile, int) else None
+    return MAX_LOCAL_TOKENS if tile is None else min(MAX_LOCAL_TOKENS, MAX_TILES * tile)
+
+
+def _check_work(args, model: dict, seq_len: int, sp: int) -> None:
+    """NOTE [ Bounded plan flags ] rule 3, once the model (and so auto's tile) is known."""
+    import math
+
+    from memo.tiling import resolve_tile
+    local = seq_len // sp
+    if local > MAX_LOCAL_TOKENS:
+        raise MemoError(f"memo.plan: --seq-len {seq_len:,} over --sp {sp} is {local:,} tokens per rank; memo plan "
+                        f"plans at most {MAX_LOCAL_TOKENS:,} (8M) per rank: use a larger --sp (and --gpus) or a "
+                        f"shorter --seq-len")
+    itemsize = {"fp32": 4}.get(args.dtype, 2)
+    tile = resolve_tile(args.tile, batch=args.micro_batch, seq=local, hidden=model["hidden"],
+                        intermediate=model["intermediate"], itemsize=itemsize)
+    if tile is not None and math.ceil(local / tile) > MAX_TILES:
+        raise MemoError(f"memo.plan: --tile-tokens {args.tile_tokens} splits each rank's {local:,} tokens into "
+                        f"{math.ceil(local / tile):,} MLP tiles; memo plan profiles at most {MAX_TILES:,}: pass "
+                        f"--tile-tokens {math.ceil(local / MAX_TILES):,} or more, or none")
+
+
+def _check_numbers(args, *, seq_len: int, host: int, reserve: int, overrides: dict) -> None:
+    """NOTE [ Bounded plan flags ]: MemoError naming the flag, its value and what it must be."""
+    import math
+
+    def bad(flag, value, must):
+        raise MemoError(f"memo.plan: {flag} {value} must be {must}")
+
+    for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
+                        ("--micro-batch", args.micro_batch), ("--loss-chunk", args.loss_chunk)):
+        if not 1 <= value <= MAX_COUNT:
+            bad(flag, value, f"an integer from 1 to {MAX_COUNT:,}")
+    if args.sp is not None and not 1 <= args.sp <= args.gpus:
+        bad("--sp", args.sp, f"an integer from 1 to --gpus ({args.gpus})")
+    if seq_len < 1:
+        bad("--seq-len", args.seq_len, "a positive number of tokens, e.g. 1M")
+    if host <= 0:
+        bad("--host-memory", args.host_memory, "positive, e.g. 512GiB")
+    if reserve < 0:
+        bad("--reserve", args.reserve, "0 or more, e.g. 2GiB")
+    for flag, key, example in (("--pcie", "host_link_Bps", "25GB/s"), ("--nvlink", "interconnect_Bps", "200GB/s"),
+                               ("--inter-node", "inter_node_Bps", "25GB/s"), ("--peak-tflops", "peak_tflops", "989"),
+                               ("--gpu-memory", "memory_bytes", "80GiB")):
+        value = overrides.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            given = getattr(args, flag[2:].replace("-", "_"))
+            bad(flag, given, f"a positive finite number, e.g. {example} (or left out: the GPU's default)")
+    if not (math.isfinite(args.time_limit) and 0 < args.time_limit <= MAX_TIME_LIMIT_S):
+        bad("--time-limit", args.time_limit, f"positive seconds, at most {MAX_TIME_LIMIT_S:.0f}")
+    if args.keep_layers is not None and args.keep_layers < 0:
+        bad("--keep-layers", args.keep_layers, ">= 0 (or left out: the planner chooses)")
 
 
 def _tile(value: str):
@@ -265,6 +337,7 @@ def _plan(args) -> int:
     except SPBackendError as e:
         raise MemoError(str(e)) from e
     check_seq_len(seq_len, sp)
+    _check_work(args, model, seq_len, sp)
     t0 = time.perf_counter()
     prof, greedy_l1 = planner.level1(seq_len, sp, degrees)
     tile = f", MLP tile {prof['tile_tokens']:,} tokens" if prof.get("tile_tokens") else ", MLP untiled"
@@ -406,6 +479,7 @@ def _max_length(planner: _Planner, plan: dict, *, seq_len: int, sp: int, host: i
     on_host = m["layers"] - min(MAX_KEEP if args.keep_layers is None else args.keep_layers, m["layers"])
     per_token = max(on_host, 1) * m["hidden"] * {"fp32": 4}.get(plan["dtype"], 2) * plan["micro_batch"]
     upper = max(granularity, int(host / plan["gpus_per_node"] / per_token * sp) // granularity * granularity)
+    upper = min(upper, _longest_local(args) * sp // granularity * granularity)   # NOTE [ Bounded plan flags ] 3
     t0 = time.perf_counter()
     found = max_fitting_seq_len_interp(evaluate, start=min(seq_len, upper), granularity=granularity, upper=upper)
     out = {"max_seq_len": found, "granularity": granularity, "upper_bound_host": upper, "lengths_tried":
