@@ -54,6 +54,29 @@ def test_op_matches_each_document_alone(rows, kvh):
         assert err <= 2 * plain, (what, err, plain)
 
 
+def test_varlen_adapter_against_a_flash_attn_standin(monkeypatch):
+    """The CUDA varlen path (memo.attention.varlen) cannot run here: with flash-attn's varlen functions played by
+    a CPU stand-in with their layouts, the diagonal block goes to one varlen call each way, and stays exact."""
+    import os
+    import sys
+
+    from memo.attention import flash, varlen
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "standins"))
+    monkeypatch.setenv("MEMO_ATTENTION_KERNEL", "flash_attn")
+    flash._interface.cache_clear()
+    try:
+        from flash_attn.flash_attn_interface import CALLS
+        rows = [[1, 1, 40, 1, 21], [30, 34]]
+        test_op_matches_each_document_alone(rows, 2)
+        q = torch.empty(1, 4, 8, 16)
+        assert varlen.kernel_for(q) == "flash_attn"
+        assert CALLS["varlen_forward"] == 1 and CALLS["varlen_backward"] == 1, CALLS
+    finally:
+        flash._interface.cache_clear()
+        for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+            del sys.modules[name]
+
+
 def _internal_peak(lengths, s=2048, h=4, d=16):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, h, s, d, generator=g) for _ in range(3))

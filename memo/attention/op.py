@@ -102,7 +102,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     k_, v_ = (k.to(q.dtype), v.to(q.dtype)) if k.dtype != q.dtype or v.dtype != q.dtype else (k, v)
-    dq, dk, dv = sp_backward(lookup(ctx.sp_id), dout.contiguous(), q, k_, v_, out, lse, ctx.doc, causal=ctx.causal,
+    dq, dk, dv = sp_backward(lookup(ctx.sp_id), dout, q, k_, v_, out, lse, ctx.doc, causal=ctx.causal,
                              scale=ctx.scale)
     return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 

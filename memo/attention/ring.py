@@ -119,7 +119,9 @@ def ring_backward(sp: SequenceParallel, dout, q, k, v, out, lse, doc: Optional[t
     kvh = k.shape[1]
     blocks = _Blocks(sp, s, causal, doc)
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # zeros_like keeps q's strides: HF hands in a transposed view, and a dq in the same layout flows back
+    # through that transpose without a copy
+    dq = torch.zeros_like(q, dtype=acc)
     kk, vv, doc_k = k, v, doc
     dkv_ex = None
     dk_acc = dv_acc = None

@@ -5,7 +5,9 @@ memo can record always runs.
 builder with its AttentionMaskInterface, so masks are made exactly as for ``sdpa``) and switches the
 model to it. ``memo_sdpa_attention`` is HF's ``sdpa_attention_forward`` unchanged, except where
 SDPA would fall back to its math path for grouped-query attention (see NOTE [ Grouped heads and
-the math path ]).
+the math path ]), and for packed batches (position_ids restarting at 0): there the mask builder makes
+no mask and memo's own attention op runs on the documents (NOTE [ Packed documents ] in
+memo/parallel/documents.py, NOTE [ Document blocks ] in memo/attention/documents.py).
 
 # NOTE [ Grouped heads and the math path ]
 #
