@@ -3,6 +3,7 @@
     python examples/train_long_context.py                 # 2 CPU processes, SP 2, swapping (memo launch)
     memo launch --config_file examples/accelerate/memo_cpu.yaml examples/train_long_context.py --max-steps 60
     python examples/train_long_context.py --resume runs/train_long_context/checkpoint
+    python examples/train_long_context.py --model PATH_OR_ID --data corpus.jsonl book.txt --seq-len 4096
 
 The task (synthetic, made on the fly): every sequence is random filler tokens with one value token
 planted far back (``MARK v``, in the second quarter of the sequence) and asked for at the very end
@@ -10,7 +11,12 @@ planted far back (``MARK v``, in the second quarter of the sequence) and asked f
 retrieval accuracy above chance (1 / values) only if the model attends from the last token back
 across the whole sequence, which under sequence parallelism lives on other ranks' shards.
 
-The model is built from a config (no download). Training runs through Accelerate with
+By default the model is built from a config and the data is made on the fly (no download).
+``--model PATH_OR_ID`` loads a pretrained causal LM and its tokenizer (``AutoModelForCausalLM``,
+``AutoTokenizer``; ``--dtype bf16|fp32``); ``--data FILE...`` trains it on real text instead, jsonl
+files with a "text" field or .txt files, tokenized and packed into ``--seq-len`` sequences (each
+document ends in EOS, ``position_ids`` restart at 0 at every document: examples/long_context_data.py),
+repeated as often as the steps need. Training runs through Accelerate with
 memo.integrations.accelerate.prepare: memo swaps activations token-wise to host memory and the
 sequence is split over the processes (ring attention). Rank 0 shows a progress bar with loss,
 accuracy, tokens/s and memory, and writes ``summary.json`` and ``training.png`` (loss, accuracy
@@ -73,14 +79,19 @@ def _plot(history: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    retrieval = history[0]["accuracy"] is not None
     axes[0].plot(steps, [h["loss"] for h in history])
-    axes[0].axhline(math.log(VALUES), ls="--", c="grey", lw=1, label=f"chance ln {VALUES}")
-    axes[0].set(title="loss (answer token)", xlabel="step")
-    axes[0].legend()
-    axes[1].plot(steps, [h["accuracy"] for h in history])
-    axes[1].axhline(1 / VALUES, ls="--", c="grey", lw=1, label="chance")
-    axes[1].set(title="retrieval accuracy", xlabel="step", ylim=(0, 1.02))
-    axes[1].legend()
+    if retrieval:
+        axes[0].axhline(math.log(VALUES), ls="--", c="grey", lw=1, label=f"chance ln {VALUES}")
+        axes[0].legend()
+    axes[0].set(title="loss (answer token)" if retrieval else "loss (next token)", xlabel="step")
+    if retrieval:
+        axes[1].plot(steps, [h["accuracy"] for h in history])
+        axes[1].axhline(1 / VALUES, ls="--", c="grey", lw=1, label="chance")
+        axes[1].set(title="retrieval accuracy", xlabel="step", ylim=(0, 1.02))
+        axes[1].legend()
+    else:
+        axes[1].axis("off")
     mib = 2 ** 20
     axes[2].plot(steps, [h["resident_bytes"] / mib for h in history], label="device-resident activations")
     axes[2].plot(steps, [h["host_high_water_bytes"] / mib for h in history], label="host pool high water")
@@ -90,6 +101,18 @@ def _plot(history: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _retrieval_accuracy(accelerator, plain, batch, captured: dict, seq_len: int) -> float:
+    """Answers right at the query position over all ranks: the decoder stack's output there (global
+    position seq_len - 2, on whichever rank holds it) through the LM head."""
+    with torch.no_grad():
+        query = batch["position_ids"].expand_as(batch["input_ids"]) == seq_len - 2
+        hidden = captured.pop("hidden")[query]
+        target = batch["shift_labels"][query]
+        right = (plain.lm_head(hidden).argmax(-1) == target).sum() if len(target) else torch.zeros((), dtype=torch.long)
+        counts = accelerator.reduce(torch.stack([right.long(), torch.tensor(len(target))]), reduction="sum")
+    return counts[0].item() / max(counts[1].item(), 1)
 
 
 def main(argv=None) -> int:
@@ -106,6 +129,13 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="a pretrained causal LM (directory or hub id) with its tokenizer, instead of a small Llama "
+                        "built from --layers/--hidden/--vocab")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the --model's dtype (fp32)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help="train on these .jsonl ({\"text\": ...} per line) or .txt files, packed into --seq-len "
+                        "sequences, instead of the synthetic retrieval task (needs --model for its tokenizer)")
     p.add_argument("--out", default=os.path.join("runs", "train_long_context"))
     p.add_argument("--save-every", type=int, default=0, help="write --out/checkpoint every N steps (0: at the end)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a checkpoint written by this script")
@@ -114,6 +144,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seq_len < 16:
         p.error("--seq-len must be at least 16")
+    if args.data is not None:
+        from long_context_data import DataError, read_documents
+        if args.model is None:
+            p.error("--data needs --model: the text is tokenized with the model's tokenizer")
+        try:   # before any process starts: a bad file is named once, with its line
+            read_documents(args.data)
+        except DataError as e:
+            p.error(f"--data: {e}")
     if "RANK" not in os.environ and (args.sp or 2) > 1:
         if args.sp not in (None, 2):
             p.error(f"--sp {args.sp}: launch {args.sp} processes yourself, e.g. memo launch --config_file "
@@ -126,7 +164,7 @@ def main(argv=None) -> int:
 def train(args) -> int:
     from accelerate import Accelerator
     from tqdm import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     import memo
     from memo.integrations.accelerate import MemoPlugin, prepare, skip_first_batches
@@ -140,16 +178,30 @@ def train(args) -> int:
     sp = plugin.sequence_parallel_size or 1
     replicas = world // sp if world % sp == 0 else 0
     torch.manual_seed(args.seed)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=args.vocab,
-                         max_position_embeddings=max(args.seq_len, 2048), use_cache=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config)
+    if args.model is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], attn_implementation="sdpa")
+        model.config.use_cache = False
+    else:
+        config = LlamaConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=args.vocab,
+                             max_position_embeddings=max(args.seq_len, 2048), use_cache=False,
+                             attn_implementation="sdpa")
+        model = LlamaForCausalLM(config)
+    vocab = model.config.vocab_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # Linear warm-up, then constant: retrieval is learnt in one jump after a plateau (~100 steps
     # here), which a decaying rate would delay.
     warmup = max(1, args.max_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    data = RetrievalDataset(args.max_steps * args.batch_size * max(replicas, 1), args.seq_len, args.vocab, args.seed)
+    samples = args.max_steps * args.batch_size * max(replicas, 1)
+    if args.data is not None:
+        from long_context_data import PackedText, read_documents
+        data = PackedText(AutoTokenizer.from_pretrained(args.model), read_documents(args.data), args.seq_len,
+                          length=samples)
+    else:
+        data = RetrievalDataset(samples, args.seq_len, vocab, args.seed)
+    retrieval = args.data is None
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
     model, optimizer, loader = prepare(accelerator, model, optimizer, loader, plugin)
     plain = accelerator.unwrap_model(model)
@@ -163,7 +215,8 @@ def train(args) -> int:
     # Retrieval accuracy from the training forward itself: the decoder stack's output at the query
     # position (global position seq_len - 2, on whichever rank holds it) through the LM head.
     captured = {}
-    hook = plain.model.register_forward_hook(lambda mod, inp, out: captured.__setitem__("hidden", out[0]))
+    hook = plain.model.register_forward_hook(lambda mod, inp, out: captured.__setitem__("hidden", out[0])) \
+        if retrieval else None
 
     os.makedirs(args.out, exist_ok=True)
     bar = tqdm(total=args.max_steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
@@ -182,43 +235,44 @@ def train(args) -> int:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            query = batch["position_ids"].expand_as(batch["input_ids"]) == args.seq_len - 2
-            hidden = captured.pop("hidden")[query]
-            target = batch["shift_labels"][query]
-            right = (plain.lm_head(hidden).argmax(-1) == target).sum() if len(target) else torch.zeros((), dtype=torch.long)
-            counts = accelerator.reduce(torch.stack([right.long(), torch.tensor(len(target))]), reduction="sum")
+        accuracy = _retrieval_accuracy(accelerator, plain, batch, captured, args.seq_len) if retrieval else None
         elapsed = time.perf_counter() - t0
         step += 1
         st = memo.stats(plain)
-        row = {"step": step, "loss": out.loss.item(), "accuracy": counts[0].item() / max(counts[1].item(), 1),
+        row = {"step": step, "loss": out.loss.item(), "accuracy": accuracy,
                "step_s": elapsed, "tokens_per_s": args.batch_size * max(replicas, 1) * args.seq_len / elapsed,
                "resident_bytes": st.resident_bytes, "swapped_bytes": st.swapped_bytes,
                "host_high_water_bytes": st.host_pool["high_water_bytes"],
                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
+        shown = {"acc": f"{accuracy:.2f}"} if retrieval else {}
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, tok_s=f"{row['tokens_per_s']:.0f}",
                         resident=format_bytes(row["resident_bytes"]), host=format_bytes(row["host_high_water_bytes"]))
         bar.update(1)
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save_checkpoint(os.path.join(args.out, "checkpoint"), model=plain, optimizer=optimizer,
                             scheduler=scheduler, step=step, data_state={"history": history})
     bar.close()
-    hook.remove()
+    if hook is not None:
+        hook.remove()
     save_checkpoint(os.path.join(args.out, "checkpoint"), model=plain, optimizer=optimizer, scheduler=scheduler,
                     step=step, data_state={"history": history})
     if rank == 0:
         last = history[-10:]
         summary = {"args": vars(args), "world": world, "sequence_parallel": sp, "data_parallel": replicas,
                    "steps": step, "final_loss": sum(h["loss"] for h in last) / len(last),
-                   "final_accuracy": sum(h["accuracy"] for h in last) / len(last),
-                   "chance_loss": math.log(VALUES), "chance_accuracy": 1 / VALUES,
+                   "final_accuracy": sum(h["accuracy"] for h in last) / len(last) if retrieval else None,
+                   # Text: the loss of a uniform guess over the vocabulary.
+                   "chance_loss": math.log(VALUES) if retrieval else math.log(vocab),
+                   "chance_accuracy": 1 / VALUES if retrieval else None,
                    "memo": memo.stats(plain).to_dict(), "history": history}
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         _plot(history, os.path.join(args.out, "training.png"))
-        print(f"train_long_context: final loss {summary['final_loss']:.3f} (chance {math.log(VALUES):.3f}), "
-              f"retrieval accuracy {summary['final_accuracy']:.2f} (chance {1 / VALUES:.2f}), last 10 steps")
+        accuracy = (f", retrieval accuracy {summary['final_accuracy']:.2f} (chance {1 / VALUES:.2f})"
+                    if retrieval else "")
+        print(f"train_long_context: final loss {summary['final_loss']:.3f} (chance {summary['chance_loss']:.3f})"
+              f"{accuracy}, last 10 steps")
         print(f"train_long_context: wrote {os.path.join(args.out, 'summary.json')}, "
               f"{os.path.join(args.out, 'training.png')} and the checkpoint {os.path.join(args.out, 'checkpoint')}")
     accelerator.wait_for_everyone()
