@@ -125,8 +125,10 @@ def check_value(name: str, value: Any, where: str, *, text: bool = False) -> Any
                 value = float(value)
             except ValueError:
                 raise _bad(where, shown, "is not a number of seconds; write e.g. 300") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise _bad(where, shown, "must be a positive number of seconds, e.g. 300")
+        from memo.config import sp_timeout_problem   # NOTE [ Collective timeouts ]
+        problem = sp_timeout_problem(value)
+        if problem:
+            raise _bad(where, shown, problem)
         return float(value)
     if kind == "bool":
         if text:
@@ -210,8 +212,8 @@ class MemoPlugin:
     ulysses_size: Optional[int] = field(default=None, metadata=_help(
         "Hybrid only: Ulysses degree inside a node (default: the node's ranks). Env: MEMO_ULYSSES_SIZE.", "count1"))
     sp_timeout_s: Optional[float] = field(default=None, metadata=_help(
-        "Seconds any sequence-parallel collective may wait before failing the job (default 300). "
-        "Env: MEMO_SP_TIMEOUT_S.", "seconds"))
+        "Seconds any sequence-parallel collective may wait before failing the job (default 300), from 0.001 "
+        "(the backends count whole milliseconds) to 1e9. Env: MEMO_SP_TIMEOUT_S.", "seconds"))
     tile_tokens: Union[int, str, None] = field(default=None, metadata=_help(
         "Tokens per tile of each layer's MLP: auto (default: tiles sequences over 4096 tokens), none, or a count. "
         "Env: MEMO_TILE_TOKENS.", "tile"))

@@ -13,6 +13,34 @@ from memo.planner.units import UnitError, parse_bytes
 
 _OFFLOAD_DTYPES = ("keep", "bf16", "fp16")
 
+# NOTE [ Collective timeouts ]
+#
+# 1. torch hands a collective's timeout to gloo and NCCL in whole milliseconds (truncated), and a
+#    timeout of 0 ms means "the process group's default": below 1 ms the timeout silently became
+#    the default (a peer waited 20 s at sp_timeout_s=1e-4). SP_TIMEOUT_MIN_S is therefore 1 ms.
+# 2. ``inf`` cannot become a timedelta (an OverflowError, which then read as a dead rank), and
+#    past about 1e13 s gloo's deadline arithmetic overflows and the wait fails at once. Up to
+#    SP_TIMEOUT_MAX_S = 1e9 s (31 years) the wait is honoured, and a deadline of now + timeout
+#    still fits int64 nanoseconds. There is no "never": pass a long timeout instead.
+# 3. ``sp_timeout_s`` is checked against both wherever it is accepted: MemoConfig (and its default,
+#    MEMO_SP_TIMEOUT_S), MemoPlugin and ``memo.parallel.sequence_parallel(timeout_s=...)``.
+SP_TIMEOUT_MIN_S = 0.001
+SP_TIMEOUT_MAX_S = 1e9
+
+
+def sp_timeout_problem(value: Any) -> Optional[str]:
+    """NOTE [ Collective timeouts ]: None when ``value`` is a timeout the backends honour, else what
+    is wrong with it and what to pass, to follow ``<where>=<value> ``."""
+    import math
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return (f"is not a finite number of seconds; pass seconds from {SP_TIMEOUT_MIN_S:g} (1 ms) to "
+                f"{SP_TIMEOUT_MAX_S:g}, e.g. 300 (there is no 'never': pass a long timeout such as 86400)")
+    if not SP_TIMEOUT_MIN_S <= value <= SP_TIMEOUT_MAX_S:
+        return (f"must be a positive number of seconds from {SP_TIMEOUT_MIN_S:g} to {SP_TIMEOUT_MAX_S:g}: gloo and "
+                f"NCCL count whole milliseconds, so under 1 ms the timeout would silently become the process "
+                f"group's default, and past {SP_TIMEOUT_MAX_S:g} s their deadlines overflow; pass e.g. 300")
+    return None
+
 
 def _available_host_bytes() -> int:
     """MemAvailable from /proc/meminfo (Linux); total physical memory otherwise."""
@@ -66,7 +94,8 @@ class MemoConfig:
     sp_layout: str = "zigzag"
     ulysses_size: Optional[int] = None
     # Every collective waits at most this long, so a dead rank fails the others instead of hanging.
-    # None: MEMO_SP_TIMEOUT_S, else 300 s (long enough for a slow first step at 1M tokens).
+    # None: MEMO_SP_TIMEOUT_S, else 300 s (long enough for a slow first step at 1M tokens). From
+    # 0.001 s (the backends count whole milliseconds) to 1e9 s: NOTE [ Collective timeouts ].
     sp_timeout_s: Optional[float] = None
     # Tokens per tile of each decoder layer's MLP (NOTE [ Token tiling ] in memo/tiling.py): its
     # intermediates (batch x tile x intermediate) and their gradients exist one tile at a time, at the
@@ -108,12 +137,14 @@ class MemoConfig:
         if self.sequence_parallel_size is not None and (isinstance(self.sequence_parallel_size, bool) or not isinstance(
                 self.sequence_parallel_size, int) or self.sequence_parallel_size < 1):
             raise MemoError(f"memo.config: sequence_parallel_size={self.sequence_parallel_size!r} must be an int >= 1")
+        where = "sp_timeout_s"
         if self.sp_timeout_s is None:
             from memo.parallel.groups import DEFAULT_TIMEOUT_S
-            self.sp_timeout_s = DEFAULT_TIMEOUT_S
-        if isinstance(self.sp_timeout_s, bool) or not (isinstance(self.sp_timeout_s, (int, float))
-                                                       and self.sp_timeout_s > 0):
-            raise MemoError(f"memo.config: sp_timeout_s={self.sp_timeout_s!r} must be a positive number of seconds")
+            self.sp_timeout_s, where = DEFAULT_TIMEOUT_S, "sp_timeout_s (None: MEMO_SP_TIMEOUT_S)"
+        problem = sp_timeout_problem(self.sp_timeout_s)
+        if problem:
+            raise MemoError(f"memo.config: {where}={self.sp_timeout_s!r} {problem}")
+        self.sp_timeout_s = float(self.sp_timeout_s)
         if self.planned_memory and self.plan is None:
             raise MemoError("memo.config: planned_memory=True needs MemoConfig(plan='plan.json'), the plan whose "
                             "offsets the arena serves; make one with `memo plan ... --out plan.json`")

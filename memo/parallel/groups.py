@@ -136,11 +136,16 @@ def sequence_parallel(group=None, *, size: Optional[int] = None, backend: str = 
     must call this. ``ulysses_size`` (hybrid only): Ulysses degree inside a node; default the ranks per
     node (``LOCAL_WORLD_SIZE``) when it divides the group size.
     """
+    from memo.config import sp_timeout_problem   # NOTE [ Collective timeouts ] in memo/config.py
+    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    problem = sp_timeout_problem(timeout_s)
+    if problem:
+        raise MemoError(f"memo.parallel: timeout_s={timeout_s!r} {problem}")
+    timeout_s = float(timeout_s)
     _require_dist()
     if backend not in BACKENDS:
         raise MemoError(f"memo.parallel: sp_backend={backend!r} is not one of {BACKENDS}")
     check_layout(layout)
-    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
     world = dist.get_world_size()
     if group is None and size is not None:
         if size < 1 or world % size:
