@@ -73,6 +73,7 @@ def test_dp2_x_sp2_trains_like_one_process(dp2_sp2, mesh, shard):
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3]) and not torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.slow   # 8 processes on 2 cores: about 65 s, most of it start-up
 def test_sp8_trains_like_one_process(sp8):
     ref = sp8[0]["reference"]
     for res in sp8:
