@@ -439,7 +439,7 @@ def memory_rows(plan: dict) -> list[tuple[str, int, bool]]:
     st = plan["model_states"]
     off = plan.get("offload_params", False)       # NOTE [ Parameter offload ] in cost.py
     rows = [("weights" + (" (on the host: parameter offload)" if off else ""), st["weights"], "weights" in live),
-            ("gradients" + (" (one module's buffer; the rest on the host)" if off else ""), st["gradients"],
+            ("gradients" + (" (one module's; the rest on the host)" if off else ""), st["gradients"],
                                                                any(k == "gradients" or k.endswith((".grad", "grads.rest")) for k in live)),
             ("optimizer states (device)", st["optimizer"], "optimizer" in live)]
     if st["zero3_gather"]:
