@@ -28,6 +28,26 @@ SP_TIMEOUT_MIN_S = 0.001
 SP_TIMEOUT_MAX_S = 1e9
 
 
+# NOTE [ A plan decides the layers ]
+#
+# 1. With MemoConfig(plan=...), the plan decides each layer's policy ("memo", "input", "kept"), so
+#    which last layers stay on the device, its alpha and, under tile_tokens="auto", the MLP tile:
+#    its memory and times were computed for exactly those.
+# 2. keep_last_layers left at its default: the plan's kept layers are used, silently (the default
+#    2 is what runs without a plan; the planner chooses 0..4 by itself).
+# 3. keep_last_layers given (even as 2) and different from the plan's kept layers: a contradiction,
+#    refused at memo.wrap with a MemoError naming both and the two fixes (drop keep_last_layers, or
+#    make the plan with `memo plan --keep-layers N`). The default is a ``_Default`` int, so that
+#    MemoConfig tells it from the same value passed explicitly (``keep_last_layers_given``).
+# 4. swap_ratio other than "auto" and different from the plan's alpha: the plan's alpha is used, with
+#    a warning (alpha changes only the swap/recompute split, not which layers run what).
+class _Default(int):
+    """An int default MemoConfig can tell from the same value given (NOTE [ A plan decides the layers ])."""
+
+
+DEFAULT_KEEP_LAST_LAYERS = _Default(2)
+
+
 def sp_timeout_problem(value: Any) -> Optional[str]:
     """NOTE [ Collective timeouts ]: None when ``value`` is a timeout the backends honour, else what
     is wrong with it and what to pass, to follow ``<where>=<value> ``."""
@@ -67,15 +87,17 @@ class MemoConfig:
     # the rest. Accepts ints or strings such as "64GiB".
     host_memory_budget: Union[int, str, None] = None
     # The paper keeps the last two layers on the device: their backward starts right after their
-    # forward, so swapping them out would only be copied straight back.
-    keep_last_layers: int = 2
+    # forward, so swapping them out would only be copied straight back. With a plan, the plan's kept
+    # layers; given and different from the plan's: refused (NOTE [ A plan decides the layers ]).
+    keep_last_layers: int = DEFAULT_KEEP_LAST_LAYERS
     # Tokens per chunk of the LM head and loss, so (sequence x vocabulary) logits never exist.
     # 4096 tokens x 128K vocabulary x fp32 = 2 GiB per chunk. None leaves the model's own loss.
     loss_chunk_size: Optional[int] = 4096
     # "keep" swaps activations in their own dtype (exact). "bf16"/"fp16" store fp32 activations at
     # half size on the host (lossy: gradients are then no longer bit-exact).
     offload_dtype: str = "keep"
-    # A plan file from `memo plan --out`; its alpha (and arena offsets) are used.
+    # A plan file from `memo plan --out` (a path): its layer policies, kept layers, alpha, tile (under
+    # tile_tokens="auto") and arena offsets are used (NOTE [ A plan decides the layers ]).
     plan: Optional[str] = None
     # Serve the swapped layers' device allocations at the plan's Level-1 offsets, from one arena
     # per GPU (memo's allocator replaces PyTorch's: NOTE [ Planned memory at run time ] in
@@ -120,8 +142,18 @@ class MemoConfig:
                 raise MemoError(f"memo.config: swap_ratio={self.swap_ratio!r} is outside [0, 1]; use a fraction "
                                 f"of tokens to swap (1.0 swaps all, 0.0 recomputes all) or 'auto'")
             self.swap_ratio = float(self.swap_ratio)
-        if not isinstance(self.keep_last_layers, int) or self.keep_last_layers < 0:
+        if isinstance(self.keep_last_layers, bool) or not isinstance(self.keep_last_layers, int) or \
+                self.keep_last_layers < 0:
             raise MemoError(f"memo.config: keep_last_layers={self.keep_last_layers!r} must be an int >= 0")
+        self.keep_last_layers_given = type(self.keep_last_layers) is not _Default
+        self.keep_last_layers = int(self.keep_last_layers)
+        if self.plan is not None:
+            if isinstance(self.plan, os.PathLike):
+                self.plan = os.fspath(self.plan)
+            if not isinstance(self.plan, str) or not self.plan:
+                # an int would be opened as a file descriptor: plan=0 read the process's stdin
+                raise MemoError(f"memo.config: plan={self.plan!r} is not a path; pass the path of the plan file "
+                                f"written by `memo plan ... --out plan.json`, or None")
         if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size <= 0):
             raise MemoError(f"memo.config: loss_chunk_size={self.loss_chunk_size!r} must be a positive int or None")
         from memo.tiling import check_tile_setting

@@ -262,9 +262,12 @@ def _apply_plan_layers(runtime: MemoRuntime, config: MemoConfig, plan: dict) -> 
         raise MemoError(f"memo.wrap: plan {config.plan} has layer_policies for {len(policies)} layers, the model has "
                         f"{n}; make the plan for this model with `memo plan`")
     keep = policies.count("kept")
-    if keep != config.keep_last_layers:
-        warnings.warn(f"memo.wrap: keep_last_layers={config.keep_last_layers} is overridden by the plan, which keeps "
-                      f"{keep} layer(s) on the device ({config.plan})", stacklevel=4)
+    if config.keep_last_layers_given and keep != config.keep_last_layers:
+        # NOTE [ A plan decides the layers ] in memo/config.py
+        raise MemoError(f"memo.wrap: keep_last_layers={config.keep_last_layers} contradicts plan {config.plan}, which "
+                        f"keeps {keep} layer(s) on the device (its memory and times were computed for that): drop "
+                        f"keep_last_layers to run the plan's layers, or make a plan with `memo plan ... --keep-layers "
+                        f"{config.keep_last_layers}`")
     runtime.swapped = {i for i, p in enumerate(policies) if p != "kept"}
     runtime.plan_policies = {i: p for i, p in enumerate(policies) if p != "kept"}
     runtime.policies = dict(runtime.plan_policies)
