@@ -54,9 +54,18 @@ forward reads. Stage 3 does (NOTE [ ZeRO-3 and recomputation ]).
 #    off the single-process run; with the unit the same norm and 1e-6). So ``memo_zero_config`` never
 #    writes those keys, ``initialize`` refuses them, and sequence parallelism under DeepSpeed goes
 #    through ``initialize`` only (Accelerate's DeepSpeed plugin cannot pass an ``mpu``).
-# 4. ZeRO-3 with the unit is wrong too: its gradient norm is exactly half the whole sequence's
-#    (0.716 vs 1.432), and with SGD and no clipping its third loss is 5e-2 off where stages 0-2
-#    match the single-process run exactly. ``initialize`` refuses sequence parallelism under stage 3.
+# 4. ZeRO-3 with the unit has two reductions. Its reduce-scatter path (``reduce_scatter: true``, the
+#    default, and any bucket larger than ``reduce_bucket_size``) divides by the W ranks and never
+#    multiplies by P: its gradient norm is exactly half the whole sequence's at P = 2 (0.716 vs
+#    1.432). Its all-reduce path (``reduce_scatter: false`` with ``contiguous_gradients: true``, every
+#    bucket within ``reduce_bucket_size``) divides by W/P, as stages 0-2 do: the norm 1.43199786 vs
+#    1.43199778 in fp64, the losses within fp32 rounding (measured on 2 CPU ranks). So ``initialize``
+#    sets those two keys under stage 3 with sequence parallelism, raises ``reduce_bucket_size`` to
+#    the largest parameter (so no bucket takes the other path; its buffer is that many gradient
+#    elements), and refuses a config that sets either key the other way. The all-reduce moves twice
+#    the bytes of a reduce-scatter. Accelerate's DeepSpeed plugin cannot pass the unit (rule 3), so
+#    ``memo launch`` with distributed_type DEEPSPEED refuses sequence parallelism: call
+#    ``initialize`` in the script (or use FSDP2, integrations/fsdp.py).
 """
 
 from __future__ import annotations
@@ -158,10 +167,7 @@ def initialize(model, config: Union[dict, str], **kwargs):
                             f"Remove the key (memo_zero_config never writes it)")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if runtime is not None and runtime.sp is not None and stage == 3:
-        raise MemoError(f"{_WHO}.initialize: sequence parallelism under ZeRO stage 3 is not supported: DeepSpeed "
-                        f"0.19's stage 3 does not reduce memo's per-rank gradient shares into the full-sequence "
-                        f"gradient (NOTE [ DeepSpeed and sequence parallelism ] rule 4); use ZeRO stage 1 or 2 "
-                        f"with sequence parallelism, or stage 3 without it")
+        config = zero3_sequence_parallel_config(config, model)
     prepare(model)
     if runtime is not None and runtime.sp is not None:
         if kwargs.get("mpu") is not None:
@@ -169,6 +175,23 @@ def initialize(model, config: Union[dict, str], **kwargs):
                             f"DeepSpeed's mpu itself; drop mpu=")
         kwargs["mpu"] = SequenceParallelUnit(runtime.sp)
     return deepspeed.initialize(model=model, config=config, **kwargs)
+
+
+def zero3_sequence_parallel_config(config: dict, model) -> dict:
+    """``config`` with the ZeRO-3 gradient reduction that sums memo's per-rank shares: NOTE [ DeepSpeed and
+    sequence parallelism ] rule 4. A copy; a config that asks for the other reduction is refused."""
+    zero = dict(config.get("zero_optimization", {}))
+    for key, want in (("reduce_scatter", False), ("contiguous_gradients", True)):
+        if key in zero and zero[key] is not want:
+            raise MemoError(f"{_WHO}.initialize: zero_optimization.{key}={zero[key]!r} under ZeRO stage 3 with "
+                            f"memo's sequence parallelism: that gradient reduction averages over the "
+                            f"sequence-parallel ranks instead of summing them (NOTE [ DeepSpeed and sequence "
+                            f"parallelism ] rule 4); remove the key (memo sets {key}: {str(want).lower()})")
+        zero[key] = want
+    largest = max((int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()), default=0)
+    bucket = int(float(zero.get("reduce_bucket_size", 5e8)))   # DeepSpeed's default: 5e8 elements
+    zero["reduce_bucket_size"] = max(bucket, largest)
+    return dict(config, zero_optimization=zero)
 
 
 class SequenceParallelUnit:

@@ -91,7 +91,7 @@ def test_accelerate_deepspeed_plugin(runs, stage):
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_sequence_parallel_under_deepspeed(runs, stage):
     """Both ranks share each sequence; DeepSpeed must SUM their gradient shares (NOTE [ DeepSpeed and
     sequence parallelism ]). Against torch on the whole sequence, within twice the plain fp32 model's own
@@ -100,7 +100,7 @@ def test_sequence_parallel_under_deepspeed(runs, stage):
     ref32, ref64 = runs[0]["sp_reference"]["fp32"], runs[0]["sp_reference"]["fp64"]
     for res in runs:
         case = res["sp"][stage]
-        _check_recomputes(case, partitioned=False)
+        _check_recomputes(case, partitioned=stage == 3)
         # The gradient norm is the whole sequence's: Adam hides a gradient scaled by 1/2 (a mean instead of
         # the sum over the ranks) from the losses almost entirely, the norm does not.
         np.testing.assert_allclose(case["norms"], ref64["norms"], rtol=1e-4)
@@ -114,8 +114,9 @@ def test_sequence_parallel_under_deepspeed(runs, stage):
 @needs_deepspeed
 def test_refusals_inside_a_run(runs):
     for res in runs:
-        assert "sequence parallelism under ZeRO stage 3 is not supported" in res["sp_zero3"]
-        assert "use ZeRO stage 1 or 2" in res["sp_zero3"]
+        assert "zero_optimization.reduce_scatter=True under ZeRO stage 3 with memo's sequence parallelism" in \
+            res["sp_zero3"], res["sp_zero3"]
+        assert "remove the key (memo sets reduce_scatter: false)" in res["sp_zero3"]
         assert "already has DeepSpeed ZeRO-3 hooks" in res["late_prepare"]
         assert "before deepspeed.initialize" in res["late_prepare"]
 
@@ -266,3 +267,19 @@ def test_prepare_and_initialize_refusals(tmp_path):
     bad.write_text("{")
     with pytest.raises(memo.MemoError, match="is not valid JSON"):
         memo_ds.initialize(model, str(bad))
+
+
+def test_zero3_sequence_parallel_config_takes_the_summing_reduction():
+    """NOTE [ DeepSpeed and sequence parallelism ] rule 4: reduce_scatter off, contiguous gradients on,
+    every bucket within reduce_bucket_size (raised to the largest parameter); the other way refused."""
+    from memo.integrations.deepspeed import zero3_sequence_parallel_config
+    from models import build
+    model = build("llama", vocab_size=512)   # embedding 512 x 64 = 32,768 elements
+    config = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}, "train_micro_batch_size_per_gpu": 1}
+    got = zero3_sequence_parallel_config(config, model)["zero_optimization"]
+    assert got == {"stage": 3, "reduce_bucket_size": 32768, "reduce_scatter": False, "contiguous_gradients": True}
+    assert config["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}, "the caller's config is not changed"
+    assert zero3_sequence_parallel_config({"zero_optimization": {"stage": 3}}, model)["zero_optimization"][
+        "reduce_bucket_size"] == 500_000_000
+    with pytest.raises(memo.MemoError, match="contiguous_gradients=False under ZeRO stage 3"):
+        zero3_sequence_parallel_config({"zero_optimization": {"stage": 3, "contiguous_gradients": False}}, model)
