@@ -31,10 +31,13 @@ exit code ]).
 #
 # 1. ``accelerate launch`` (1.15) starts a MULTI_CPU job's processes only through mpirun (an
 #    ``mpirun_hostfile``); without one it runs ONE process, whatever ``num_processes`` says.
-# 2. For a one-machine MULTI_CPU config without a hostfile, memo adds ``--multi_gpu``, which makes
-#    Accelerate start ``num_processes`` processes through torch.distributed.run (RANK, LOCAL_RANK,
-#    WORLD_SIZE, MASTER_* set), and exports ``ACCELERATE_USE_CPU=true``, so that ``Accelerator()``
-#    in each of them picks MULTI_CPU over gloo. The config file itself is passed on unchanged.
+# 2. For a MULTI_CPU config without a hostfile, memo adds ``--multi_gpu``, which makes Accelerate
+#    start ``num_processes / num_machines`` processes on this machine through torch.distributed.run
+#    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_* set), and exports ``ACCELERATE_USE_CPU=true``, so that
+#    ``Accelerator()`` in each of them picks MULTI_CPU over gloo. The config file itself is passed on
+#    unchanged, so several machines (``num_machines``, ``machine_rank``, ``main_process_ip``,
+#    ``main_process_port``) form one job, one ``memo launch`` on each (tests/test_launch_multinode.py
+#    plays two machines on the loopback address).
 """
 
 from __future__ import annotations
@@ -156,12 +159,10 @@ def read_config(path: str) -> tuple[dict, dict]:
     return data, settings
 
 
-def _multi_cpu_one_machine(config: dict) -> bool:
+def _multi_cpu_without_mpirun(config: dict) -> bool:
     """See NOTE [ Multi-CPU on one machine ] rule 1."""
-    machines = config.get("num_machines") or 1
     mpirun = config.get("mpirun_config") or {}
     return (str(config.get("distributed_type", "")).upper() == "MULTI_CPU" and config.get("num_processes", 1) > 1
-            and isinstance(machines, int) and machines <= 1
             and not (isinstance(mpirun, dict) and mpirun.get("mpirun_hostfile")))
 
 
@@ -198,7 +199,7 @@ def plan_launch(config: dict, settings: dict, config_path: str, script: str, scr
     from memo.integrations.accelerate import settings_env
     cmd = accelerate_cli() + ["--config_file", config_path]
     env = settings_env(settings)
-    if _multi_cpu_one_machine(config):   # NOTE [ The job's exit code ]
+    if _multi_cpu_without_mpirun(config):   # NOTE [ The job's exit code ]
 #
 # 1. ``accelerate launch`` exits 1 when a rank fails (torch.distributed.run raises
 #    ChildFailedError; one process raises CalledProcessError), whatever the rank's code.
