@@ -131,3 +131,21 @@ def test_emit_config_refusals_before_planning(tmp_path, capsys, args, words):
     assert code == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "r.yaml").exists()
+
+
+@pytest.mark.parametrize("machines, processes, sp, ok", [
+    (2, 8, 2, True), (2, 8, 4, True), (2, 8, 8, True), (2, 8, 16, False), (3, 12, 6, False), (2, 12, 4, False)])
+def test_sequence_parallel_groups_do_not_straddle_machines(tmp_path, capsys, machines, processes, sp, ok):
+    """Inside a machine (P divides its processes) or over whole machines (a multiple): NOTE [ Plan to
+    launch ] rule 5; 16 over 8 processes does not divide them at all."""
+    config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_processes": processes,
+              "num_machines": machines, "machine_rank": 0, "main_process_ip": "10.0.0.1", "main_process_port": 29500,
+              "memo": {"sequence_parallel_size": sp}}
+    path = tmp_path / "nodes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, _, err = _dry_run(str(path), capsys)
+    if ok:
+        assert code == 0, err
+    else:
+        words = "does not divide num_processes" if processes % sp else "would straddle two machines"
+        assert code == 2 and words in err, err

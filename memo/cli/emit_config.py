@@ -27,6 +27,10 @@ still says what the plan planned.
 #    contradicts: num_processes other than the plan's GPUs, sequence_parallel_size other than its
 #    SP degree, FSDP under a plan whose stage is not 3, MULTI_GPU under a stage above 0, and SP under
 #    FSDP1 (fsdp_version 1, Accelerate's default).
+# 5. Over several machines, memo's sequence-parallel groups (blocks of P consecutive ranks; a
+#    machine's ranks are consecutive) lie inside a machine when P divides its processes, and span
+#    whole machines when P is a multiple of them (then ``sp_backend: hybrid`` runs Ulysses inside a
+#    machine and the ring across). Any other P makes some groups straddle two machines: refused.
 """
 
 from __future__ import annotations
@@ -146,11 +150,29 @@ def write(path: str, plan: dict, plan_path: str) -> dict:
     return config
 
 
+def check_machines(config: dict, sp: int, path: str) -> None:
+    """NOTE [ Plan to launch ] rule 5: sequence-parallel groups do not straddle machines needlessly."""
+    machines, processes = config.get("num_machines") or 1, config.get("num_processes", 1)
+    if not isinstance(machines, int) or isinstance(machines, bool) or machines < 1 or processes % machines:
+        raise MemoError(f"memo.launch: num_processes={processes} does not split over num_machines={machines} in "
+                        f"{path}; set num_processes to the processes of all machines (a multiple of num_machines)")
+    per = processes // machines
+    if machines > 1 and sp > 1 and per % sp and sp % per:
+        fits = sorted({d for d in range(1, per + 1) if per % d == 0} | {per * k for k in range(1, machines + 1)
+                                                                          if processes % (per * k) == 0})
+        raise MemoError(f"memo.launch: memo.sequence_parallel_size={sp} with {per} processes per machine in {path}: "
+                        f"some sequence-parallel groups (blocks of {sp} consecutive ranks) would straddle two "
+                        f"machines while others do not; use a size that divides {per} (groups inside a machine) "
+                        f"or a multiple of it (whole machines, sp_backend: hybrid for Ulysses inside each): "
+                        f"one of {fits}")
+
+
 def check_launch(config: dict, settings: dict, path: str) -> None:
     """NOTE [ Plan to launch ] rule 4: a config contradicting its plan, or SP under FSDP1, is refused."""
     kind = str(config.get("distributed_type", "")).upper()
     sp = settings.get("sequence_parallel_size", 1)
     fsdp = config.get("fsdp_config") or {}
+    check_machines(config, sp, path)
     if kind == "FSDP" and sp > 1:
         version = fsdp.get("fsdp_version", 1) if isinstance(fsdp, dict) else 1
         if version != 2:
