@@ -26,16 +26,16 @@ import os
 import sys
 
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)   # benchmarks/copy.py would shadow the standard library's copy module
+    sys.path.append(sys.path.pop(0))   # last: benchmarks/copy.py would shadow the standard library's copy module
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+
+from gloo_ranks import run_ranks  # noqa: E402
 
 
 def backends_for(world: int) -> list[tuple[str, str]]:
@@ -103,27 +103,11 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, world: int) -> list[dict]:
     out = tempfile.mkdtemp(prefix="memo-ring-bench-")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               LOCAL_WORLD_SIZE=str(world))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--out", out, "--seq-len", str(args.seq_len),
            "--layers", str(args.layers), "--hidden", str(args.hidden), "--steps", str(args.steps)]
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"benchmarks/ring.py: world {world} failed with exit codes {codes}")
-    rows = []
-    for r in range(world):
-        with open(os.path.join(out, f"{r}.json")) as f:
-            rows.extend(json.load(f))
-    return rows
+    return run_ranks(cmd, world, "benchmarks/ring.py", out)
 
 
 def summarise(rows: list[dict]) -> list[dict]:

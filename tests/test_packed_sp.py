@@ -44,3 +44,10 @@ def test_bad_position_ids_raise_the_same_error_on_every_rank(results):
         message = messages.pop()
         assert message is not None and "position_ids of row 1 go from" in message, (case, message)
         assert f"at token {token};" in message and "count up by one within a document and restart at 0" in message
+
+
+def test_packing_with_a_mask_inside_a_document_is_refused_by_shard_batch(results):
+    world, per_rank = results
+    for res in per_rank:
+        assert res["bad-mask"] is not None and "masks token 25 of row 0, inside a packed document" in res["bad-mask"]
+        assert "Use one of the two" in res["bad-mask"]

@@ -49,6 +49,18 @@ def bad_positions(world, token):
     return None
 
 
+def mask_inside_a_document():
+    """shard_batch's error for packing plus an attention_mask hiding a token inside a document."""
+    ids, positions, shift, _, _ = pack([[20, 30, 14]])
+    mask = torch.ones_like(ids)
+    mask[0, 25] = 0
+    try:
+        shard_batch({"input_ids": ids, "shift_labels": shift, "position_ids": positions, "attention_mask": mask})
+    except memo.MemoError as e:
+        return str(e)
+    return None
+
+
 def main(rank, world):
     out = {"ring-zigzag": packed_step(rank, world)}
     if world == 2:   # the other cases once, on 2 ranks (the suite's time); 4 ranks: zigzag, hybrid, errors
@@ -64,4 +76,5 @@ def main(rank, world):
     # inside rank 0's first chunk, and where the chunk of the last rank before the middle ends
     out["bad-inside"] = bad_positions(world, 5) if world == 2 else None
     out["bad-at-chunk-edge"] = bad_positions(world, 64 // (2 * world) * world)
+    out["bad-mask"] = mask_inside_a_document()
     return out
