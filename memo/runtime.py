@@ -37,6 +37,23 @@ logger = logging.getLogger("memo")
 #    waits for the next boundary; new, longer inputs with records still there are refused.
 # 3. The host seconds spent reserving and page-locking pools are reported (``host_pool["pin_s"]``).
 
+# NOTE [ Several forwards before one backward ]
+#
+# 1. Gradient accumulation by summing micro-batch losses (``(model(a).loss + model(b).loss).backward()``)
+#    keeps every forward's swapped activations alive until the one backward. A forward that starts
+#    while the pool still holds records of an earlier forward (a step boundary of rule 2 with a live
+#    graph) is served from another pool: an idle one held already, or a new one sized for this
+#    forward as the first was. Records stay in the pool they were allocated from and are freed to it
+#    (``HostBlock.pool``), so each graph's backward is exactly what it would be alone.
+# 2. All pools held together stay within ``host_memory_budget``: pools without records are closed
+#    before a new one is made, and a forward whose pool would cross the budget is refused before
+#    it computes anything, saying how many forwards' activations are waiting, what one more needs,
+#    and the two fixes: backward after each micro-batch (``loss_i.backward()``, which accumulates
+#    the same gradient sum in ``.grad``) or a budget for all the forwards.
+# 3. The same holds for a graph kept by accident (an output from the last step still referenced
+#    while the next forward runs); its pool is reused once its records are freed.
+# 4. ``memo.stats(model).host_pool`` sums the pools held (``pools``: how many).
+
 
 def _aligned(n: int) -> int:
     return 0 if n == 0 else (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
@@ -72,6 +89,8 @@ class MemoRuntime:
         self.timing_source: Optional[str] = None
         self.pin_s = 0.0                      # NOTE [ Host pool sizing ] rule 3
         self.pool_sizes: list[int] = []       # capacity of every pool made, in order
+        self.pools: list[HostPool] = []       # every pool held now, self.pool among them (NOTE [ Several forwards
+                                              # before one backward ])
         self.current_traces: list[LayerTrace] = []
         self.current_device: Optional[torch.device] = None
         self.step_end_state: Optional[weakref.ref] = None   # its backward ends the step's timing
@@ -182,8 +201,22 @@ class MemoRuntime:
         self.engine.timer.close_step()
         # Auto waits for the step it needs at this boundary; otherwise only finished marks are read.
         self._take_times(block=self.auto is not None and not self.auto.settled)
+        if self.pool.used_bytes:   # an earlier forward's graph still waits for its backward
+            self._pool_for_another_forward()
         if self.auto is not None:
             self._switch_ratio(self.auto.ratio)
+
+    def _pool_for_another_forward(self) -> None:
+        """NOTE [ Several forwards before one backward ] rules 1 and 2: serve this forward from a pool
+        without records, sized as the last forward's."""
+        need = max(self._host_need(self.current_traces, self.alpha, self.current_device), ALIGNMENT)
+        idle = next((p for p in self.pools if p.used_bytes == 0 and p.capacity >= need), None)
+        if idle is not None:
+            self.pool = idle
+            self.engine.serve_from(idle)
+            idle.reserve()
+        else:
+            self._new_pool(need, self.pool.pin, self.current_device)
 
     def _take_times(self, block: bool) -> None:
         """Resolved steps into memo.stats and auto's protocol (NOTE [ Step timing ] rule 2)."""
@@ -378,22 +411,41 @@ class MemoRuntime:
         if pool is not None and pool.pin == pin and (pool.capacity == size if exact else pool.capacity >= size):
             pool.reserve()
             return
-        if self.engine is not None:
-            self.engine.streams.synchronize()   # no copy may still touch the old pool
         if pool is not None and pool.used_bytes:
             raise MemoError(
                 f"memo.swap: the sequence grew while {format_bytes(pool.used_bytes)} of swapped activations "
                 f"are still waiting for their backward; run backward before a forward with longer inputs")
+        self._new_pool(size, pin, device)
+
+    def _new_pool(self, size: int, pin: bool, device: torch.device) -> None:
+        """Serve from a new pool of ``size`` bytes; pools without records are closed first, and the pools
+        held stay within the budget (NOTE [ Several forwards before one backward ] rule 2)."""
+        if self.engine is not None:
+            self.engine.streams.synchronize()   # no copy may still touch a pool that is closed
+        live = [p for p in self.pools if p.used_bytes]
+        held = sum(p.capacity for p in live)
+        budget = self.config.host_budget_bytes
+        if live and held + size > budget:
+            raise MemoError(
+                f"memo.wrap: a forward started while {format_bytes(sum(p.used_bytes for p in live))} of swapped "
+                f"activations from {len(live)} earlier forward(s) still wait for their backward (several forwards "
+                f"before one backward, e.g. summed micro-batch losses); this forward needs {format_bytes(size)} "
+                f"more and host_memory_budget is {format_bytes(budget)}. Call backward after each micro-batch's "
+                f"forward (loss_i.backward() accumulates the same gradient sum in .grad), or set "
+                f"host_memory_budget='{_ceil_gib(held + size)}GiB' or more for {len(live) + 1} forwards")
+        for p in self.pools:
+            if not p.used_bytes:
+                p.close()
+        self.pools = live
         self.pool = HostPool(size, pin=pin)
         self.pool.reserve()
+        self.pools.append(self.pool)
         self.pin_s += self.pool.pin_s
         self.pool_sizes.append(self.pool.capacity)
-        if pool is not None:
-            pool.close()
         if self.engine is None or self.engine.streams.device != device:
             self.engine = SwapEngine(device, self.pool, self.timer_factory)
         else:
-            self.engine.replace_pool(self.pool)
+            self.engine.serve_from(self.pool)
 
     def _switch_ratio(self, ratio: float) -> None:
         """At a step boundary: run the next step at auto's ``ratio``, the pool sized for it.
@@ -404,8 +456,9 @@ class MemoRuntime:
         exact = self.auto.settled
         if ratio == self.alpha and (not exact or self.pool.capacity == max(need, ALIGNMENT)):
             return
-        if self.pool.used_bytes and (exact or self.pool.capacity < need):
-            self.alpha_reason = (f"{self.auto.reason} (waiting: {format_bytes(self.pool.used_bytes)} of swapped "
+        waiting = sum(p.used_bytes for p in self.pools)   # NOTE [ Several forwards before one backward ]
+        if waiting and (exact or self.pool.capacity < need):
+            self.alpha_reason = (f"{self.auto.reason} (waiting: {format_bytes(waiting)} of swapped "
                                  f"activations from an earlier forward still live in the host pool)")
             return
         self._ensure_pool(need, self.current_device, exact=exact)
@@ -420,6 +473,10 @@ class MemoRuntime:
         pool = self.pool.stats() if self.pool is not None else {
             "capacity_bytes": 0, "reserved_bytes": 0, "used_bytes": 0, "high_water_bytes": 0, "pinned": False,
             "num_allocs": 0}
+        if len(self.pools) > 1:   # NOTE [ Several forwards before one backward ] rule 4
+            for key in ("capacity_bytes", "reserved_bytes", "used_bytes", "high_water_bytes", "num_allocs"):
+                pool[key] = sum(p.stats()[key] for p in self.pools)
+        pool["pools"] = len(self.pools)
         pool.update(pin_s=self.pin_s, capacities=list(self.pool_sizes))   # every pool this model made, in order
         return MemoStats(layers=[self.layer_stats[i] for i in sorted(self.layer_stats)], host_pool=pool,
                          swap_ratio=self.alpha, swap_ratio_setting=self.config.swap_ratio,
@@ -432,8 +489,9 @@ class MemoRuntime:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.streams.synchronize()   # no copy may still touch the pool
-        if self.pool is not None and self.pool.used_bytes == 0:
-            self.pool.close()
+        for pool in self.pools:
+            if pool.used_bytes == 0:
+                pool.close()
 
 
 def _ceil_gib(n: int) -> int:

@@ -104,8 +104,8 @@ class SwapEngine:
         self.streams.compute.wait_event(state.h2d_event)
         self.timer.start("recompute", state.index, self.streams.compute)
 
-    def replace_pool(self, pool: HostPool) -> None:
-        """Serve later copies from ``pool``. The caller made sure nothing lives in the old one
-        (See NOTE [ Host pool sizing ] in memo/runtime.py)."""
-        assert self.pool.used_bytes == 0, "memo.swap: replacing a host pool that still holds records (bug in memo)"
+    def serve_from(self, pool: HostPool) -> None:
+        """Serve later copies from ``pool``. Records already in the old one stay there and are freed to it
+        (``HostBlock.pool``); the caller closes a pool only without records and after synchronising the
+        streams (NOTE [ Host pool sizing ] and [ Several forwards before one backward ] in memo/runtime.py)."""
         self.pool = pool
