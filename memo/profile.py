@@ -307,6 +307,7 @@ class LayerProfile:
     tile_tokens: Optional[int] = None     # the MLP's tile (tokens) in the profile; None: untiled
     tile_setting: object = None           # what was asked: None, "auto" or an int
     mlp_saved_bytes: int = 0              # what the untiled MLP saves besides its input (rule 6)
+    mlp_output_unused: bool = False       # memo's recompute skips the tiled MLP (NOTE [ Token tiling ] rule 7)
 
     @property
     def swapped_bytes(self) -> Optional[int]:
@@ -331,7 +332,8 @@ class LayerProfile:
                 "head": tr(self.head), "loss_chunk": self.loss_chunk, "profile_s": self.profile_s,
                 "swap_ratio": self.swap_ratio, "swapped_bytes": self.swapped_bytes,
                 "recomputed_bytes": self.recomputed_bytes, "tile_tokens": self.tile_tokens,
-                "tile_setting": self.tile_setting, "mlp_saved_bytes": self.mlp_saved_bytes}
+                "tile_setting": self.tile_setting, "mlp_saved_bytes": self.mlp_saved_bytes,
+                "mlp_output_unused": self.mlp_output_unused}
 
 
 def check_seq_len(seq_len: int, sp: int) -> int:
@@ -359,17 +361,22 @@ def _run_layer(layer, x, shared):
     return out[0] if isinstance(out, tuple) else out
 
 
-def profile_layer_saved(layer, x: torch.Tensor, shared=None) -> tuple[list[dict], torch.Tensor]:
+def profile_layer_saved(layer, x: torch.Tensor, shared=None, tiled=None,
+                        mlp_marks: Optional[list] = None) -> tuple[list[dict], torch.Tensor]:
     """Run ``layer`` on ``x: (batch, tokens, hidden)`` (real or fake tensors); return what
     autograd saves, in order (shape, dtype, storage bytes, storage key, the runtime's class and the
     planner's label: NOTE [ Saved tensor classes ] in memo/trace.py), and the layer output.
-    Used by the profiler and by tests that compare it with a real run and with the runtime."""
+    With ``tiled`` (the layer's ``memo.tiling.TiledLayer``) the index of the tiled MLP's saved input
+    is appended to ``mlp_marks``. Used by the profiler and by tests that compare it with a real run
+    and with the runtime."""
     kernel_mode = AttentionKernelMode()
     kwargs = {} if shared is None else {"attention_mask": None, "position_embeddings": shared}
     classify = Classifier(layer, LayerCall(x, (), kwargs), kernel_mode)
     saved = []
 
     def pack(t):
+        if tiled is not None and tiled.saving:
+            mlp_marks.append(len(saved))
         saved.append({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                       "bytes": t.untyped_storage().nbytes(), "key": _storage_key(t),
                       "class": classify(t).value, "kind": classify.kind(t)})
@@ -457,8 +464,13 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
                 rec = AllocationRecorder(params | shared_keys, sp=sp)
                 rec.add(x_key, x.untyped_storage().nbytes(), "layer_input", "argument", start=0)
                 rec.step = -1
+                marks: list[int] = []
                 with rec:
-                    saved, out = profile_layer_saved(layer, x, shared)
+                    saved, out = profile_layer_saved(layer, x, shared, tiled.get(0), marks)
+                # NOTE [ Token tiling ] rule 7: memo's recompute skips the MLP when nothing saved after
+                # its input depends on its output (the executor's own test, on the profiled trace).
+                mlp_output_unused = bool(marks) and all(e["class"] in ("param", "shared")
+                                                        for e in saved[marks[-1] + 1:])
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
                 # A layer memo cannot trace: data-dependent shapes (MoE routing), attention options
                 # sdpa lacks (soft-capping), or a call signature unlike Llama's.
@@ -504,7 +516,7 @@ def profile_model(model: dict, *, seq_len: int, micro_batch: int = 1, dtype: str
                         saved_bytes=saved_bytes, embedding_forward=emb_f, embedding_backward=emb_b, head=head,
                         loss_chunk=loss_chunk, profile_s=time.perf_counter() - t0, swap_ratio=swap_ratio,
                         tile_tokens=tile if tiled else None, tile_setting=tile_setting,
-                        mlp_saved_bytes=mlp_saved if tiled else 0)
+                        mlp_saved_bytes=mlp_saved if tiled else 0, mlp_output_unused=mlp_output_unused)
 
 
 def _profile_embedding(model: dict, micro_batch: int, local: int) -> tuple[Trace, Trace]:

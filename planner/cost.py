@@ -32,7 +32,11 @@ NOTE [ Step-time model ]
      forward again, tile by tile: every tiled layer (whatever its policy) adds the MLP's GEMM time
      plus ``elementwise_passes`` over the bytes the untiled MLP would have saved
      (``mlp_saved_bytes``). Rule 1's element-wise passes count those bytes too: tiling changes
-     what is saved, not the element-wise work.
+     what is saved, not the element-wise work. Where nothing the layer saves after the MLP's input
+     depends on its output (the profile checks it on the traced layer: ``mlp_output_unused``;
+     Llama, Mistral, Qwen), memo's recomputes save that input without running the MLP (NOTE
+     [ Token tiling ] rule 7), so a "memo" layer's token-wise recompute and an "input" layer's
+     forward again leave the MLP's time out: its forwards per step are two, as untiled at ratio 0.
   9. Parameter offload (``offload_params``: ZeRO-3 with the weights on the host, DeepSpeed's
      ``offload_param``; NOTE [ Parameter offload ] for the bytes). Every layer, whatever its policy,
      moves over the host link, per rank (its 1/``gpus`` shard; ZeRO-3's all-gather of the shards is
@@ -392,13 +396,15 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
               gpus_per_node: int, alpha: float, swap_bytes_fixed: float, swap_bytes_other: float, keep_layers: int,
               zero_stage: int, offload_optimizer: bool, dtype: str = "bf16", sp_backend: str = "ring",
               input_layers: int = 0, swap_bytes_input: Optional[float] = None, tiled: bool = False,
-              mlp_saved_bytes: float = 0.0, offload_params: bool = False) -> StepTimes:
+              mlp_saved_bytes: float = 0.0, offload_params: bool = False,
+              mlp_output_unused: bool = False) -> StepTimes:
     """Predicted time of one training step on one rank. See NOTE [ Step-time model ].
 
     The first ``input_layers`` swapped layers run the "input" policy and copy ``swap_bytes_input``
     (the layer input; default ``swap_bytes_fixed``, an over-estimate) each way; the others, but
     the last ``keep_layers``, run "memo" (rule 7). ``tiled``: the MLP is tiled and the untiled one
-    would save ``mlp_saved_bytes`` besides its input (rule 8). ``offload_params``: the weights live
+    would save ``mlp_saved_bytes`` besides its input (rule 8); ``mlp_output_unused``: memo's
+    recomputes skip the tiled MLP (rule 8). ``offload_params``: the weights live
     on the host (rule 9; ZeRO stage 3 with ``offload_optimizer`` only)."""
     peak = gpu.peak_tflops * 1e12
     n = model["layers"]
@@ -419,8 +425,9 @@ def step_time(model: dict, gpu: GPUProfile, *, seq_len: int, micro_batch: int, s
     # Rule 8: the tiled backward's MLP forward, in every layer.
     mlp_f = (lf["mlp"] / sp / (peak * gpu.gemm_eff) + gpu.elementwise_passes * mlp_saved_bytes / gpu.hbm_Bps
              if tiled else 0.0)
-    recompute = (1.0 - alpha) * gemm_f
-    input_recompute = gemm_f + attn_f + comm.fwd_exposed_s      # rule 7
+    skipped = mlp_f if mlp_output_unused else 0.0               # rule 8: the recomputes skip the MLP
+    recompute = (1.0 - alpha) * (gemm_f - skipped)
+    input_recompute = gemm_f - skipped + attn_f + comm.fwd_exposed_s      # rule 7
     swapped = swap_bytes_fixed + alpha * swap_bytes_other
     copy = swapped / gpu.host_link_Bps
     copy_in = (swap_bytes_fixed if swap_bytes_input is None else swap_bytes_input) / gpu.host_link_Bps

@@ -259,7 +259,8 @@ def _times(ctx: PlanContext, zero_stage: int, mix: Mix):
                      swap_bytes_other=s_other, keep_layers=mix.keep, zero_stage=zero_stage,
                      offload_optimizer=opt.offload_optimizer, dtype=prof["dtype"], sp_backend=cl.sp_backend,
                      input_layers=mix.inputs, swap_bytes_input=s_in, tiled=prof.get("tile_tokens") is not None,
-                     mlp_saved_bytes=prof.get("mlp_saved_bytes", 0), offload_params=opt.offload_params)
+                     mlp_saved_bytes=prof.get("mlp_saved_bytes", 0), offload_params=opt.offload_params,
+                     mlp_output_unused=prof.get("mlp_output_unused", False))
 
 
 def _level2_allocs(ctx: PlanContext, states: dict, mix: Mix) -> tuple[list[Alloc], list[str]]:

@@ -142,3 +142,24 @@ def test_tiled_mlp_adds_one_mlp_forward_per_layer():
     assert tiled.mlp_recompute_s == pytest.approx(want) and untiled.mlp_recompute_s == 0
     assert tiled.step_time_s - untiled.step_time_s == pytest.approx(32 * want)
     assert tiled.mfu < untiled.mfu
+
+
+def test_recomputes_skip_a_tiled_mlp_whose_output_nothing_saves():
+    """Cost NOTE rule 8 / NOTE [ Token tiling ] rule 7: with ``mlp_output_unused`` a "memo" layer's
+    token-wise recompute and an "input" layer's forward again leave the tiled MLP's time out."""
+    kw = dict(alpha=0.25, input_layers=4, swap_bytes_input=GIB, tiled=True, mlp_saved_bytes=12 * GIB)
+    runs, skips = _times(**kw), _times(mlp_output_unused=True, **kw)
+    mlp = runs.mlp_recompute_s
+    assert mlp > 0 and skips.mlp_recompute_s == mlp
+    assert skips.layer_recompute_s == pytest.approx(runs.layer_recompute_s - 0.75 * mlp)
+    assert skips.layer_input_recompute_s == pytest.approx(runs.layer_input_recompute_s - mlp)
+    assert runs.step_time_s - skips.step_time_s == pytest.approx(28 * 0.75 * mlp + 4 * mlp)
+
+
+def test_the_profile_says_whether_recompute_skips_the_mlp():
+    """The profiler applies the executor's test to the traced layer: Llama's MLP output goes to a residual
+    add (skipped); untiled there is no tiled MLP to skip."""
+    from memo.profile import load_model, profile_model
+    model = load_model("llama3-8b")
+    assert profile_model(model, seq_len=16384, tile_tokens=4096).mlp_output_unused
+    assert not profile_model(model, seq_len=16384, tile_tokens=None).mlp_output_unused

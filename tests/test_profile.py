@@ -111,11 +111,12 @@ def test_paper_gpt_layer_saves_16_sbh():
     sb = prof.saved_bytes
     total = sb["layer_input"] + sb["attention_output"] + sb["other"]
     assert total // 2 == pytest.approx(16 * s * h, rel=0.01)
-    # Tiled (NOTE [ Profiler allocation steps ] rule 6), the MLP saves its input only: the up
-    # projection's and the activation's outputs (4sh each) leave the saved set, and the profile
+    # Tiled (NOTE [ Profiler allocation steps ] rule 6), ln_2 and the MLP save ln_2's input only
+    # (NOTE [ Token tiling ] rule 8): the up projection's and the activation's outputs (4sh each),
+    # ln_2's output (sh) and its per-token statistic (s fp32) leave the saved set, and the profile
     # says how many bytes they were.
     tiled = profile_model(load_model("memo-paper-7b"), seq_len=1 << 17, sp=8, tile_tokens=4096)
-    assert tiled.tile_tokens == 4096 and tiled.mlp_saved_bytes == 2 * 4 * s * h * 2
+    assert tiled.tile_tokens == 4096 and tiled.mlp_saved_bytes == (2 * 4 + 1) * s * h * 2 + s * 4
     assert tiled.saved_bytes["other"] + tiled.mlp_saved_bytes == sb["other"]
 
 
