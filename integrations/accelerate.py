@@ -188,8 +188,8 @@ class MemoPlugin:
         "Host bytes per rank for swapped activations, e.g. '64GiB'. Default: half of the available memory "
         "divided among the node's ranks. Env: MEMO_HOST_MEMORY_BUDGET.", "bytes"))
     keep_last_layers: Optional[int] = field(default=None, metadata=_help(
-        "Last decoder layers that keep their activations on the device (default 2). Env: MEMO_KEEP_LAST_LAYERS.",
-        "count0"))
+        "Last decoder layers that keep their activations on the device (default 2; with a plan, the plan's, and "
+        "a different value is refused). Env: MEMO_KEEP_LAST_LAYERS.", "count0"))
     loss_chunk_size: Union[int, str, None] = field(default=None, metadata=_help(
         "Tokens per chunk of the LM head and loss (default 4096), or 'none' for the model's own loss. "
         "Env: MEMO_LOSS_CHUNK_SIZE.", "chunk"))
