@@ -1,11 +1,13 @@
-"""memo + FSDP2 under sequence parallelism: ``memo.integrations.fsdp.fully_shard`` (issue 15 items 1, 3).
+"""memo + FSDP2 (and ZeRO-3) under sequence parallelism: ``memo.integrations.fsdp.fully_shard`` (issue 15
+items 1, 2, 3).
 
 Real gloo runs (tests/sp_workers/fsdp_cases.py), swap ratio 0.5, three AdamW steps, against one
 process training on the same sequences (no memo, no FSDP; the replicas' sequences one after
 another, gradients accumulated with weight 1/replicas), in fp32 and fp64:
 
 - 4 ranks, data parallel 2 x sequence parallel 2, on a mesh of all 4 ranks (1/4 of the weights
-  per rank) and on a (replicate 2, shard 2) mesh (1/2);
+  per rank) and on a (replicate 2, shard 2) mesh (1/2); and the same under DeepSpeed ZeRO-3 through
+  memo.integrations.deepspeed.initialize (1/4; NOTE [ DeepSpeed and sequence parallelism ] rule 4);
 - 8 ranks, sequence parallel 8 (the paper's layout), on all 8.
 
 Tolerances (DESIGN.md section 4, twice the plain fp32 model's own error against fp64): each loss
@@ -63,7 +65,7 @@ def _check_run(run: dict, ref32: dict, ref64: dict, replica: int, world: int, sh
     assert all(r["whole"] and r["params"] > 0 for r in run["recomputes"]), run["recomputes"]
 
 
-@pytest.mark.parametrize("mesh, shard", [("flat", 4), ("hsdp", 2)])
+@pytest.mark.parametrize("mesh, shard", [("flat", 4), ("hsdp", 2), ("zero3", 4)])
 def test_dp2_x_sp2_trains_like_one_process(dp2_sp2, mesh, shard):
     ref = dp2_sp2[0]["reference"]
     for rank, res in enumerate(dp2_sp2):

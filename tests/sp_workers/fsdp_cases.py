@@ -5,7 +5,7 @@ Replica d = rank // P trains on sequence ``100 + step * replicas + d`` of every 
 
 - ``runs``: for each mesh (``flat``: all W ranks in one dimension; ``hsdp`` when W > P: replicate
   W/P x shard P), a memo-wrapped Llama (swap ratio 0.5) sharded with ``fully_shard``, three AdamW
-  steps. Reported: every step's loss (the replica's whole-sequence loss), the whole gradient of
+  steps; when W > P also ``zero3``: the same under DeepSpeed ZeRO-3 (memo.integrations.deepspeed). Reported: every step's loss (the replica's whole-sequence loss), the whole gradient of
   step 1 and the gradient norm of every step (gathered from the shards), the parameters after
   the last step, this rank's parameter bytes against the model's, and what every recompute saw.
 - ``reference`` (rank 0): one process, no memo, no FSDP, on the same sequences (the W/P replicas'
@@ -40,7 +40,7 @@ def _observing_recompute(self, records):
     """Records whether the layer's weights are whole (plain tensors of their full shape, storage
     allocated) while it is recomputed, then runs the real recompute."""
     whole = []
-    for name, p in self.layer.named_parameters():
+    for name, p in self.layer.named_parameters():   # FSDP2: plain tensors again; ZeRO-3: gathered
         full = _FULL_SHAPES.get((self.index, name))
         whole.append(not isinstance(p, DTensor) and tuple(p.shape) == full
                      and p.untyped_storage().nbytes() >= p.numel() * p.element_size())
@@ -96,6 +96,43 @@ def train(sp: int, mesh_kind: str, rank: int, world: int) -> dict:
             "local_bytes": local_bytes, "full_bytes": full_bytes, "recomputes": list(_RECOMPUTES),
             "recomputed_bytes": sum(layer.recomputed_bytes for layer in st.layers),
             "swapped_bytes": sum(layer.swapped_bytes for layer in st.layers)}
+
+
+def train_zero3(sp: int, rank: int, world: int) -> dict:
+    """The same job under DeepSpeed ZeRO-3 through memo.integrations.deepspeed.initialize (NOTE [ DeepSpeed
+    and sequence parallelism ] rule 4), no gradient clipping, torch AdamW on the partitions."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    import memo.integrations.deepspeed as memo_ds
+    model = _model()
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    memo.wrap(model, memo.MemoConfig(sequence_parallel_size=sp, **MEMO))
+    config = memo_ds.memo_zero_config(3, micro_batch=1, model=model)
+    config["gradient_clipping"] = 0.0
+    engine, *_ = memo_ds.initialize(model, config, optimizer=torch.optim.AdamW(model.parameters(), lr=LR))
+    local_bytes = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+    del _RECOMPUTES[:]
+    losses, norms, grads = [], [], None
+    for step in range(STEPS):
+        ids = _ids(step, rank // sp)
+        out = engine(**shard_batch({"input_ids": ids, "labels": ids}, group=model))
+        engine.backward(out.loss)
+        full_grads = {n: safe_get_full_grad(p).detach().double().clone() for n, p in model.named_parameters()}
+        if step == 0:
+            grads = full_grads
+        norms.append(torch.stack([g.norm() for g in full_grads.values()]).norm().item())
+        engine.step()
+        losses.append(out.loss.detach().double())
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        params = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    st = memo.stats(model)
+    result = {"losses": torch.stack(losses), "norms": norms, "grads": grads, "params": params,
+              "local_bytes": local_bytes, "full_bytes": full_bytes, "recomputes": list(_RECOMPUTES),
+              "recomputed_bytes": sum(layer.recomputed_bytes for layer in st.layers),
+              "swapped_bytes": sum(layer.swapped_bytes for layer in st.layers)}
+    engine.destroy()
+    return result
 
 
 def reference(dtype, replicas: int) -> dict:
@@ -157,6 +194,7 @@ def main(rank, world, sp):
     out = {"runs": {"flat": train(sp, "flat", rank, world)}}
     if world > sp:
         out["runs"]["hsdp"] = train(sp, "hsdp", rank, world)
+        out["runs"]["zero3"] = train_zero3(sp, rank, world)
         out["refusals"] = refusals(sp, rank, world)
     if rank == 0:
         out["reference"] = {"fp32": reference(torch.float32, world // sp),
