@@ -5,6 +5,10 @@ switches the model to it (``set_attn_implementation``), without editing model cl
 class then builds no mask for it (transformers creates masks only for implementations it knows);
 memo's decoder-stack wrapper turns ``position_ids`` into document ids for packed sequences
 (``SPBinding.doc``) and checks ``attention_mask`` (memo/wrap.py).
+
+Without sequence parallelism the layers get the same binding on a ring of one
+(``memo.parallel.groups.one_process``) and keep ``memo_sdpa``; ``packed_call`` sets its documents
+for a packed batch, which then runs memo's op (NOTE [ Packed documents ] in memo/parallel/documents.py).
 """
 
 from __future__ import annotations
