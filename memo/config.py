@@ -48,6 +48,19 @@ class _Default(int):
 DEFAULT_KEEP_LAST_LAYERS = _Default(2)
 
 
+def default_sp_timeout() -> tuple[Any, str]:
+    """(sp_timeout_s when none is given, where it came from): MEMO_SP_TIMEOUT_S, else 300 s. A variable
+    that is not a number is refused naming it (it once stopped ``import memo`` with a bare ValueError)."""
+    text = os.environ.get("MEMO_SP_TIMEOUT_S")
+    if text is None or not text.strip():
+        return 300.0, "sp_timeout_s"
+    try:
+        return float(text), "MEMO_SP_TIMEOUT_S"
+    except ValueError:
+        raise MemoError(f"memo.config: MEMO_SP_TIMEOUT_S={text!r} is not a number of seconds; set it to seconds "
+                        f"from {SP_TIMEOUT_MIN_S:g} to {SP_TIMEOUT_MAX_S:g}, e.g. 300, or unset it") from None
+
+
 def sp_timeout_problem(value: Any) -> Optional[str]:
     """NOTE [ Collective timeouts ]: None when ``value`` is a timeout the backends honour, else what
     is wrong with it and what to pass, to follow ``<where>=<value> ``."""
@@ -171,8 +184,7 @@ class MemoConfig:
             raise MemoError(f"memo.config: sequence_parallel_size={self.sequence_parallel_size!r} must be an int >= 1")
         where = "sp_timeout_s"
         if self.sp_timeout_s is None:
-            from memo.parallel.groups import DEFAULT_TIMEOUT_S
-            self.sp_timeout_s, where = DEFAULT_TIMEOUT_S, "sp_timeout_s (None: MEMO_SP_TIMEOUT_S)"
+            self.sp_timeout_s, where = default_sp_timeout()
         problem = sp_timeout_problem(self.sp_timeout_s)
         if problem:
             raise MemoError(f"memo.config: {where}={self.sp_timeout_s!r} {problem}")

@@ -3,6 +3,11 @@ memo/config.py): at least 1 ms (below, torch passes 0 ms, which the backends rea
 group's default": a peer waited 20 s at 1e-4), finite (inf became an OverflowError that read as a
 dead rank) and at most 1e9 s, wherever it is accepted."""
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 from memo.config import SP_TIMEOUT_MAX_S, SP_TIMEOUT_MIN_S, MemoConfig
@@ -50,3 +55,25 @@ def test_sequence_parallel_refuses_them_before_any_group_is_made():
     for value in (1e-4, float("inf")):
         with pytest.raises(MemoError, match=r"memo.parallel: timeout_s=.* (under 1 ms|not a finite number)"):
             sequence_parallel(timeout_s=value)
+
+
+@pytest.mark.parametrize("text,words", [("abc", "MEMO_SP_TIMEOUT_S='abc' is not a number of seconds"),
+                                        ("1e-4", "MEMO_SP_TIMEOUT_S=0.0001 must be a positive number of seconds"),
+                                        ("inf", "MEMO_SP_TIMEOUT_S=inf is not a finite number")])
+def test_memo_config_names_a_bad_MEMO_SP_TIMEOUT_S_default(monkeypatch, text, words):
+    monkeypatch.setenv("MEMO_SP_TIMEOUT_S", text)
+    with pytest.raises(MemoError, match=re.escape(f"memo.config: {words}")):
+        MemoConfig(host_memory_budget="1GiB")
+    from memo.parallel.groups import sequence_parallel
+    with pytest.raises(MemoError, match=r"memo.(config|parallel): MEMO_SP_TIMEOUT_S="):
+        sequence_parallel()
+    monkeypatch.setenv("MEMO_SP_TIMEOUT_S", "60")
+    assert MemoConfig(host_memory_budget="1GiB").sp_timeout_s == 60.0
+
+
+def test_import_memo_survives_a_bad_MEMO_SP_TIMEOUT_S():
+    """It once raised a bare ValueError at import (memo.parallel.groups read the variable then)."""
+    code = "import memo, memo.parallel.groups, memo.integrations.accelerate; print('imported')"
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MEMO_SP_TIMEOUT_S="abc"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-2000:]

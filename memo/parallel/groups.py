@@ -22,7 +22,12 @@ from memo.parallel.layout import check_layout
 BACKENDS = ("ring", "ulysses", "hybrid")
 # Long enough for a slow first step (kernels warming up, a 1M-token layer), short enough that a dead
 # rank is reported within minutes instead of hanging a job for NCCL's default 10 minutes.
-DEFAULT_TIMEOUT_S = float(os.environ.get("MEMO_SP_TIMEOUT_S", "300"))
+# MEMO_SP_TIMEOUT_S, checked where a timeout is taken (memo.config.default_sp_timeout names a bad value);
+# not a number here reads as nan, which sequence_parallel() and MemoConfig refuse, so `import memo` works.
+try:
+    DEFAULT_TIMEOUT_S = float(os.environ.get("MEMO_SP_TIMEOUT_S") or "300")
+except ValueError:
+    DEFAULT_TIMEOUT_S = float("nan")
 
 _REGISTRY: dict[int, "SequenceParallel"] = {}
 
@@ -136,11 +141,13 @@ def sequence_parallel(group=None, *, size: Optional[int] = None, backend: str = 
     must call this. ``ulysses_size`` (hybrid only): Ulysses degree inside a node; default the ranks per
     node (``LOCAL_WORLD_SIZE``) when it divides the group size.
     """
-    from memo.config import sp_timeout_problem   # NOTE [ Collective timeouts ] in memo/config.py
-    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    from memo.config import default_sp_timeout, sp_timeout_problem   # NOTE [ Collective timeouts ] in memo/config.py
+    where = "timeout_s"
+    if timeout_s is None:
+        timeout_s, where = default_sp_timeout()
     problem = sp_timeout_problem(timeout_s)
     if problem:
-        raise MemoError(f"memo.parallel: timeout_s={timeout_s!r} {problem}")
+        raise MemoError(f"memo.parallel: {where}={timeout_s!r} {problem}")
     timeout_s = float(timeout_s)
     _require_dist()
     if backend not in BACKENDS:
