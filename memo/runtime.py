@@ -42,8 +42,9 @@ logger = logging.getLogger("memo")
 # 1. Gradient accumulation by summing micro-batch losses (``(model(a).loss + model(b).loss).backward()``)
 #    keeps every forward's swapped activations alive until the one backward. A forward that starts
 #    while the pool still holds records of an earlier forward (a step boundary of rule 2 with a live
-#    graph) is served from another pool: an idle one held already, or a new one sized for this
-#    forward as the first was. Records stay in the pool they were allocated from and are freed to it
+#    graph) is served from another pool: an idle one held already, or a new one sized as the last
+#    forward's (a forward of other shapes then gets one sized for its own, as any first forward of
+#    new shapes). Records stay in the pool they were allocated from and are freed to it
 #    (``HostBlock.pool``), so each graph's backward is exactly what it would be alone.
 # 2. All pools held together stay within ``host_memory_budget``: pools without records are closed
 #    before a new one is made, and a forward whose pool would cross the budget is refused before

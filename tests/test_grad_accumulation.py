@@ -81,3 +81,13 @@ def test_the_budget_bounds_the_forwards_and_the_refusal_says_what_to_do():
     assert all(torch.equal(grads(small)[n], plain[n]) for n in plain)
     with pytest.raises(MemoError, match="from 1 earlier forward"):
         small(**_kw(MICRO[0])).loss + small(**_kw(MICRO[1])).loss
+
+
+def test_micro_batches_of_other_lengths_and_sizes():
+    model = build("llama")
+    micro = [batch(2, 64, seed=1), batch(2, 96, seed=2), batch(1, 32, seed=3)]
+    _, plain = _summed(twin(model), micro)
+    wrapped = _wrap(twin(model), 0.5, "1GiB")
+    _, got = _summed(wrapped, micro)
+    assert all(torch.equal(got[n], plain[n]) for n in plain)
+    assert memo.stats(wrapped).host_pool["used_bytes"] == 0
