@@ -1,7 +1,7 @@
 """Step time, peak memory and MFU of memo against HF checkpointing on a GPU (issue 8, item 6).
 
 Rows, per model shape and sequence length (batch 1, bf16, forward + backward with labels, no
-optimizer step -- as in ../shared/gpu/RESULTS.md):
+optimizer step -- as in memo's measured H100 runs):
 
     none              no memory saving (HF's own loss)
     hf-ckpt           HF activation checkpointing on every decoder layer (use_reentrant=False)

@@ -117,8 +117,9 @@ class GPUProfile:
 # Ring efficiency 0.9: ring-flash-attention's zigzag figure. All overridable (--peak-tflops etc.).
 #
 # NOTE [ Measured H100 constants ]
-#   From memo's run on one H100 80GB HBM3 (torch 2.11 + CUDA 13, cuDNN attention; figures, raw
-#   JSON lines and the measuring script in ../shared/gpu/: RESULTS.md, results.jsonl, probe.py).
+#   From memo's run on one H100 80GB HBM3 (torch 2.11 + CUDA 13, cuDNN attention; 2026-11-22,
+#   measured with benchmarks/gpu_step.py and benchmarks/gpu_check.py; the figures are in
+#   tests/test_planner_h100.py).
 #   1. host_link_Bps 53 GB/s: 1 GB bf16 token slices to/from pinned host, 53.0 D2H / 52.7 H2D
 #      (contiguous cudaMemcpy 54.1-54.9).
 #   2. gemm_eff 0.80: a large bf16 GEMM on H100 (~798 of 989 TFLOP/s; not re-measured there).

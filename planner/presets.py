@@ -3,7 +3,7 @@
 A model identity is the dict of the numbers that define a decoder's tensor shapes: a plan made
 for one identity is refused for another (see ``planfile.check_plan_matches``). Numbers are
 from each model's published ``config.json`` and, for the MEMO paper's GPT models, Table 2 of
-arXiv 2407.12117 (see /work/shared/REFERENCE.md).
+arXiv 2407.12117.
 """
 
 from __future__ import annotations

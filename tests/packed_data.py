@@ -4,7 +4,7 @@
 restarting at 0 at each), then ``pad`` padding tokens (attention_mask 0, labels ignored, positions
 continuing the last document). ``reference`` runs every document alone through a deep copy of the
 plain model in ``dtype``; ``errors`` compares a packed run's loss and gradients with fp64's and puts
-the plain fp32 model's own error beside each (the 2x rule of ../shared/DESIGN.md section 4).
+the plain fp32 model's own error beside each (the 2x rule memo holds itself to).
 """
 
 import copy

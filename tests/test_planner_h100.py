@@ -1,6 +1,6 @@
 """`memo plan` against what memo measured on one H100 (issue 8, item 7).
 
-Reference data: ../shared/gpu/RESULTS.md (2026-11-22; raw lines in results.jsonl beside it):
+Reference data: memo's measured H100 run of 2026-11-22 (benchmarks/gpu_step.py):
 forward + backward step time and ``torch.cuda.max_memory_allocated`` of memo at swap ratio 0,
 batch 1, bf16, memo's chunked loss (4096 tokens), no optimizer step. Compared as RESULTS.md's
 last table compares them: the predicted step time minus the predicted optimizer time, and the

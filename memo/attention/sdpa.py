@@ -17,8 +17,8 @@ memo/parallel/documents.py, NOTE [ Document blocks ] in memo/attention/documents
 # 2. HF passes grouped k/v heads (kv_heads < heads) to SDPA with ``enable_gqa=True`` when there is
 #    no mask. Only some kernels take grouped heads (``GQA_KERNELS``); with none of them enabled for
 #    the device and dtype, SDPA takes the math path: on CUDA in fp32 (flash is fp16/bf16 only; the
-#    efficient kernel did not take grouped heads either on the H100 with torch 2.11, see
-#    ../shared/gpu/RESULTS.md, "fp32 + GQA").
+#    efficient kernel did not take grouped heads either on the H100 with torch 2.11, in memo's
+#    measured H100 run of 2026-11-22, "fp32 + GQA").
 # 3. There, memo repeats k/v to the query heads first (HF's ``repeat_kv``, as HF itself does when a
 #    mask is given) and SDPA runs the efficient kernel. The maths is unchanged: autograd sums the
 #    repeated heads' gradients back onto each k/v head.
