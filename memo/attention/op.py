@@ -8,7 +8,8 @@ sequence shards with the token dimension at 2, like the SDPA kernels'.
 
 Signature: q (b, H, s, d), k and v (b, KVH, s, d), doc None or (b, s) int64 document ids (the global
 position of each token's document start; packed sequences), sp_id from ``memo.parallel.groups``.
-Returns out (b, H, s, d) in q's dtype and lse (b, H, s) fp32.
+Returns out (b, H, s, d) in q's dtype and memory layout (``empty_like(q)``: for HF's q, a transposed
+(b, s, H, d) buffer, so the attention output needs no copy on its way to o_proj) and lse (b, H, s) fp32.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: Optiona
     if k.dtype != q.dtype or v.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     out, lse = sp_forward(sp, q, k, v, doc, causal=causal, scale=scale)
-    return out.contiguous(), lse.contiguous()
+    if out.stride() != q.stride():   # out in q's layout, as the fake says (HF's q is a transposed view)
+        out = torch.empty_like(q).copy_(out)
+    return out, lse.contiguous()
 
 
 @sp_attention.register_fake
 def _(q, k, v, doc, sp_id, scale, causal):
     b, h, s, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, s), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
 
 def _local_problem(sp, q, k, v, doc, causal: bool) -> Optional[MemoError]:

@@ -93,7 +93,7 @@ def ring_forward(sp: SequenceParallel, q, k, v, doc: Optional[torch.Tensor], *, 
     b, h, s, d = q.shape
     blocks = _Blocks(sp, s, causal, doc)
     acc = acc_dtype(q.dtype)
-    out = torch.zeros(b, h, s, d, dtype=acc, device=q.device)
+    out = torch.zeros_like(q, dtype=acc)   # q's layout: HF's transpose back to (b, s, H, d) is then a view
     lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
     kk, vv, doc_k = k, v, doc
     for step in range(blocks.R):
