@@ -48,6 +48,22 @@ def test_packed_step_matches_documents_one_by_one(case):
         assert st.recomputed_bytes > 0, "the case must recompute tokens"
 
 
+def test_input_layers_rerun_attention_on_the_documents():
+    """NOTE [ Layer policies ]: "input" layers run their whole forward again in backward, attention included,
+    on the same documents (the binding keeps them until the next forward)."""
+    from memo.runtime import _aligned
+    model = build("llama", seed=5)
+    ids, positions, shift, _, docs = pack([[40, 56, 1, 31]])
+    twin = memo.wrap(copy.deepcopy(model), memo.MemoConfig(
+        swap_ratio="auto", keep_last_layers=1, tile_tokens=None,
+        host_memory_budget=3 * _aligned(128 * 64 * 4)))   # holds the three swapped layers' inputs only
+    out = twin(input_ids=ids, position_ids=positions, shift_labels=shift, labels=shift)
+    out.loss.backward()
+    assert [s.policy for s in memo.stats(twin).layers] == ["input"] * 3 + ["kept"]
+    failures = errors(model, out.loss.item(), grads(twin), ids, shift, docs)
+    assert not failures, "\n".join(failures)
+
+
 def test_recompute_replays_the_attention_op_and_no_mask_is_built(monkeypatch):
     """Attention runs once per layer in forward and never again before the backward (the swap executor
     replays its swapped outputs); no tensor of the step is s x s."""
