@@ -26,7 +26,9 @@ changes anything (NOTE [ Checked loads ] in checkpoint_checks.py).
 # 3. ``state.json`` + ``state.safetensors``, written by rank 0: step, world size, the optimizer's
 #    and the scheduler's class and ``state_dict``. Under data and sequence parallelism (DDP,
 #    memo.parallel) every rank holds the same weights and, after the gradient all-reduce, the same
-#    optimizer and scheduler state, so one copy serves all. ZeRO / FSDP shard them instead: refused.
+#    optimizer and scheduler state, so one copy serves all. FSDP2 shards them instead: its step
+#    directory holds DCP shards (NOTE [ Sharded checkpoints ] in checkpoint_sharded.py); DeepSpeed
+#    ZeRO and FSDP1: refused.
 # 4. ``rank{r}.json`` + ``rank{r}.safetensors``, written by every rank: its RNG states (torch CPU,
 #    CUDA when available, python ``random``, numpy) and its ``data_state``. These differ per rank:
 #    each process draws its own dropout masks, noise and samples (under sequence parallelism each
@@ -283,17 +285,23 @@ def _agree(error: BaseException | None, what: str, unchanged: str = "the previou
 
 
 def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose weights are saved: DDP's inner module; sharded wrappers refused (layout rule 3)."""
+    """The module whose weights are saved: DDP's inner module, or an FSDP2 model itself (its state goes
+    through DCP, NOTE [ Sharded checkpoints ]); DeepSpeed and FSDP1 refused (layout rule 3)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    from memo.integrations.checkpoint_sharded import is_fsdp2
     if not isinstance(model, torch.nn.Module):
         raise MemoError(f"{_WHO}: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     kind = type(model).__name__
+    if is_fsdp2(model):
+        return model
     if kind in ("DeepSpeedEngine", "FullyShardedDataParallel") or any(
             type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters()):
-        raise MemoError(f"{_WHO}: the model's parameters are sharded ({kind}, DeepSpeed ZeRO or FSDP); one rank "
-                        f"cannot save them. Use that framework's own checkpointing")
+        raise MemoError(f"{_WHO}: the model's parameters are sharded ({kind}, DeepSpeed ZeRO or FSDP1); memo's "
+                        f"checkpoints save sharded models under FSDP2 only. Shard with "
+                        f"memo.integrations.fsdp.fully_shard, or use that framework's own checkpointing")
     return model
 
 
@@ -381,6 +389,9 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     checkpoint commit ].
     """
     from safetensors.torch import save_model
+
+    from memo.integrations import checkpoint_sharded as sharded_ckpt
+    from memo.integrations.checkpoint_sharded import is_fsdp2
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise MemoError(f"{_WHO}: step={step!r} must be an int >= 0 (the number of optimizer steps taken)")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -406,11 +417,14 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    sharded = is_fsdp2(module)
     try:   # rule 2
         enc = _Encoder()
         mine = {"rank": rank, "rng": enc(rng_state(), "rng"), "data_state": enc(data_state, "data_state")}
         _write(_rank_file(tmp, rank), mine, enc.tensors)
-        if rank == 0:
+        if rank == 0 and sharded:
+            sharded_ckpt.write_state(tmp, module, optimizer, scheduler, step, world)
+        elif rank == 0:
             save_model(module, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
             _fsync(os.path.join(tmp, WEIGHTS))
             config = getattr(module, "config", None)
@@ -427,6 +441,16 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     except Exception as e:   # any failure must reach the agreement below, or the other ranks would wait
         error = e
     _agree(error, f"writing the checkpoint of step {step} into {tmp}", on_failure=remove_tmp)
+
+    if sharded:   # NOTE [ Sharded checkpoints ] rule 2 (b): only after every rank's own files are written
+        try:
+            sharded_ckpt.write_shards(tmp, module, optimizer)
+            if rank == 0:
+                sharded_ckpt.fsync_shards(tmp)
+            error = None
+        except Exception as e:   # DCP raises on every rank when one fails; each must reach the agreement
+            error = e
+        _agree(error, f"writing the shards of step {step} into {tmp}", on_failure=remove_tmp)
 
     name = None
     if rank == 0:   # rules 4 and 5
@@ -449,7 +473,10 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     ``save_checkpoint``).
     """
     from memo.integrations import checkpoint_checks as checks
+    from memo.integrations.checkpoint_sharded import is_fsdp2
     module = _plain_module(model)
+    if is_fsdp2(module):
+        return _load_sharded(path, module, optimizer, scheduler)
     rank, world = _rank_world()
     error, loaded = None, None
     try:
@@ -459,5 +486,38 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     # Every rank has checked its files before any rank changes anything (NOTE [ Checked loads ] rule 1).
     _agree(error, f"checking the checkpoint in {path}", "nothing was loaded")
     checks.apply(loaded, module, optimizer, scheduler)
+    set_rng_state(loaded.rng)   # last: nothing after it may draw random numbers
+    return {"step": loaded.step, "data_state": loaded.data_state}
+
+
+def _load_sharded(path: str, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    """NOTE [ Sharded checkpoints ] rule 3: check, agree, read the shards into clones, agree, apply."""
+    from memo.integrations import checkpoint_checks as checks
+    from memo.integrations import checkpoint_sharded as sharded_ckpt
+    rank, world = _rank_world()
+    error, loaded, directory = None, None, None
+    try:
+        directory = latest_checkpoint(path)
+        loaded = checks.read_and_check_sharded(directory, optimizer, scheduler, rank, world)
+    except MemoError as e:
+        error = e
+    _agree(error, f"checking the checkpoint in {path}", "nothing was loaded")
+
+    stateless = not optimizer.state   # a fresh optimizer: get_state_dict gives it a zero state
+    model_sd = optim_sd = None
+    try:
+        model_sd, optim_sd = sharded_ckpt.read_shards(directory, model, optimizer)
+        error = None
+    except MemoError as e:
+        error = e
+
+    def forget_zero_state() -> None:
+        if stateless:
+            optimizer.state.clear()
+    _agree(error, f"reading the shards of the checkpoint in {directory}", "nothing was loaded",
+           on_failure=forget_zero_state)
+    sharded_ckpt.apply(model, optimizer, model_sd, optim_sd)
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded.scheduler)
     set_rng_state(loaded.rng)   # last: nothing after it may draw random numbers
     return {"step": loaded.step, "data_state": loaded.data_state}

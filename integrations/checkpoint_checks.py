@@ -275,19 +275,25 @@ def check_rng(rng: Any, file: str) -> None:
         raise _fail(file, "rng/cuda", "is not a list of CUDA generator states (uint8 tensors)", fix)
 
 
-def read_and_check(directory: str, module, optimizer, scheduler, rank: int, world: int) -> Loaded:
-    """NOTE [ Checked loads ] rule 1: every file read and checked; nothing changed."""
-    state_file = os.path.join(directory, STATE)
-    state = _read(state_file)
-    step = check_header(state, state_file, world)
-    weights = check_weights(module, read_tensors(os.path.join(directory, WEIGHTS)), os.path.join(directory, WEIGHTS))
-    check_optimizer(optimizer, state["optimizer"], state.get("optimizer_class"), state_file)
-    if scheduler is not None:
-        check_scheduler(scheduler, state["scheduler"], state.get("scheduler_class"), state_file)
-    elif state["scheduler"] is not None:
-        import warnings
-        warnings.warn(f"{_WHO}: {directory} has a scheduler state but no scheduler was passed; it is not restored",
-                      stacklevel=3)
+def _layout(state: dict, file: str, sharded_model: bool) -> None:
+    """A sharded checkpoint (NOTE [ Sharded checkpoints ]) loads into an FSDP2 model only, a plain one
+    into a plain model only."""
+    layout = state.get("optimizer_layout")
+    if layout not in (None, "dcp"):
+        raise _fail(file, "optimizer_layout", f"is {layout!r}, not 'dcp' or absent", "the file was edited or is "
+                    "not memo's; resume from another checkpoint")
+    if layout == "dcp" and not sharded_model:
+        raise MemoError(f"{_WHO}: {file} is a sharded checkpoint (FSDP2, written by {state['world_size']} ranks; "
+                        f"field optimizer_layout 'dcp') and the model is not sharded: shard it with "
+                        f"memo.integrations.fsdp.fully_shard on {state['world_size']} ranks and make the optimizer "
+                        f"before loading, or load the weights of memo.integrations.checkpoint.export_pretrained")
+    if layout is None and sharded_model:
+        raise MemoError(f"{_WHO}: {file} holds whole weights (a checkpoint of an unsharded model) and the model is "
+                        f"sharded by FSDP2: load it into the model before fully_shard (and make the optimizer "
+                        f"after), then save again to get a sharded checkpoint")
+
+
+def _check_rank_file(directory: str, rank: int) -> dict:
     rank_file = _rank_file(directory, rank)
     mine = _read(rank_file)
     if not isinstance(mine, dict) or mine.get("rank") != rank or "rng" not in mine or "data_state" not in mine:
@@ -295,8 +301,48 @@ def read_and_check(directory: str, module, optimizer, scheduler, rank: int, worl
                     f"rank's {rank} (or rng / data_state are missing)", "the file was edited or moved; resume from "
                     "another checkpoint")
     check_rng(mine["rng"], rank_file)
+    return mine
+
+
+def _check_scheduler_or_warn(scheduler, state: dict, file: str, directory: str) -> None:
+    if scheduler is not None:
+        check_scheduler(scheduler, state["scheduler"], state.get("scheduler_class"), file)
+    elif state["scheduler"] is not None:
+        import warnings
+        warnings.warn(f"{_WHO}: {directory} has a scheduler state but no scheduler was passed; it is not restored",
+                      stacklevel=4)
+
+
+def read_and_check(directory: str, module, optimizer, scheduler, rank: int, world: int) -> Loaded:
+    """NOTE [ Checked loads ] rule 1: every file read and checked; nothing changed."""
+    state_file = os.path.join(directory, STATE)
+    state = _read(state_file)
+    step = check_header(state, state_file, world)
+    _layout(state, state_file, sharded_model=False)
+    weights = check_weights(module, read_tensors(os.path.join(directory, WEIGHTS)), os.path.join(directory, WEIGHTS))
+    check_optimizer(optimizer, state["optimizer"], state.get("optimizer_class"), state_file)
+    _check_scheduler_or_warn(scheduler, state, state_file, directory)
+    mine = _check_rank_file(directory, rank)
     return Loaded(step=step, weights=weights, optimizer=state["optimizer"], scheduler=state["scheduler"],
                   rng=mine["rng"], data_state=mine["data_state"])
+
+
+def read_and_check_sharded(directory: str, optimizer, scheduler, rank: int, world: int) -> Loaded:
+    """The files of a sharded checkpoint other than its DCP shards (NOTE [ Sharded checkpoints ] rule 3):
+    the header (the same world size), the optimizer's class, the scheduler, this rank's RNG and data."""
+    state_file = os.path.join(directory, STATE)
+    state = _read(state_file)
+    step = check_header(state, state_file, world)
+    _layout(state, state_file, sharded_model=True)
+    inner = _inner_optimizer(optimizer)
+    saved_class = state.get("optimizer_class")
+    if saved_class not in (class_name(optimizer), class_name(inner)):
+        raise _fail(state_file, "optimizer_class", f"is {saved_class!r}, this optimizer a {class_name(inner)}",
+                    "build the optimizer of the saved run, or resume from another checkpoint")
+    _check_scheduler_or_warn(scheduler, state, state_file, directory)
+    mine = _check_rank_file(directory, rank)
+    return Loaded(step=step, weights={}, optimizer={}, scheduler=state["scheduler"], rng=mine["rng"],
+                  data_state=mine["data_state"])
 
 
 def apply(loaded: Loaded, module, optimizer, scheduler) -> None:

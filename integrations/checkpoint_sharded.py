@@ -1,0 +1,190 @@
+"""Checkpoints of an FSDP2-sharded model (memo.integrations.fsdp.fully_shard) through torch's DCP.
+
+``save_checkpoint`` / ``load_checkpoint`` (integrations/checkpoint.py) come here when the model is
+sharded by FSDP2; the root, its ``latest.json`` pointer and the commit are the same as for a plain
+model (NOTE [ Atomic checkpoint commit ]). ``export_pretrained(model, directory)`` gathers the whole
+weights and writes a plain Hugging Face model directory (``from_pretrained`` loads it, no memo, no
+FSDP).
+
+# NOTE [ Sharded checkpoints ]
+#
+# 1. A step directory of a sharded model holds ``state.json`` (``"optimizer_layout": "dcp"``, the
+#    optimizer's class, the scheduler's state, the step, the world size W; the optimizer's state is
+#    not in it), every rank's ``rank{r}.json`` (RNG, data position), ``config.json`` for an HF model,
+#    and ``shards/``: ``torch.distributed.checkpoint`` (DCP) of ``{"model": ..., "optimizer": ...}``
+#    as ``get_state_dict`` gives them (sharded: each rank writes its own shards, ``__r_0.distcp``,
+#    and rank 0 the ``.metadata``). DCP fsyncs each file (``sync_files``).
+# 2. Save in two phases, each closed by the ranks' agreement (checkpoint._agree): (a) each rank's
+#    own files and rank 0's state; (b) ``dcp.save``, a collective. A rank that failed in (a) never
+#    enters (b), so no rank waits in a DCP collective for a peer that gave up; a failure inside (b)
+#    DCP raises on every rank itself (it gathers every rank's result). The commit (rename, pointer)
+#    follows only after (b) succeeded on all ranks: a save killed or failing in any phase leaves
+#    ``latest.json`` naming the previous, complete checkpoint.
+# 3. Load: read and check ``state.json`` and this rank's file (NOTE [ Checked loads ]), agree; then
+#    ``dcp.load`` into clones of the live state dicts (the model's and optimizer's shards, so
+#    twice their memory for a moment), check the loaded hyperparameters and that every floating
+#    tensor is finite, agree; only then ``set_state_dict``, the scheduler and the RNG. A failed load
+#    leaves every rank's model, optimizer and scheduler as they were (an optimizer without state, as
+#    a fresh one is, gets the zero state ``get_state_dict`` gives it removed again).
+# 4. Same world size W: DCP could reshard, but each rank's RNG and data position are saved per rank,
+#    so a resume with other W would not continue the same run; refused (check_header).
+# 5. DCP reads its ``.metadata`` with pickle (torch's format): load sharded checkpoints you trust
+#    only. The shard files are read by DCP with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from memo.errors import MemoError
+
+_WHO = "memo.checkpoint"
+SHARDS = "shards"
+LAYOUT = "dcp"
+
+
+def is_fsdp2(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``fully_shard``), whose state DCP saves per rank."""
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _state_dicts(model, optimizer) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    return get_state_dict(model, optimizer)
+
+
+def write_state(tmp: str, model, optimizer, scheduler, step: int, world: int) -> None:
+    """Rank 0's ``state.json`` and ``config.json`` of a sharded checkpoint (NOTE [ Sharded checkpoints ] rule 1)."""
+    from memo.integrations.checkpoint import FORMAT, STATE, VERSION, _Encoder, _fsync, _write, class_name
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(tmp)
+        _fsync(os.path.join(tmp, "config.json"))
+    enc = _Encoder()
+    state = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world, "optimizer_layout": LAYOUT,
+             "optimizer_class": class_name(optimizer), "optimizer": None,
+             "scheduler_class": None if scheduler is None else class_name(scheduler),
+             "scheduler": None if scheduler is None else enc(scheduler.state_dict(), "scheduler")}
+    _write(os.path.join(tmp, STATE), state, enc.tensors)
+
+
+def write_shards(tmp: str, model, optimizer) -> None:
+    """Phase (b) of NOTE [ Sharded checkpoints ] rule 2: ``dcp.save``, a collective of every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    try:
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, SHARDS))
+    except CheckpointException as e:   # a BaseException: it would pass the callers' ``except Exception``
+        raise MemoError(f"{_WHO}: writing the shards into {os.path.join(tmp, SHARDS)} failed on rank(s) "
+                        f"{sorted(e.failures)}: {_first_failure(e)}. The previous checkpoint is unchanged; free disk "
+                        f"space (or raise the file-size limit) and save again") from e
+
+
+def _first_failure(e) -> str:
+    """The first failed rank's own exception, as text (CheckpointException holds one per rank)."""
+    failures = getattr(e, "failures", {})
+    if not failures:
+        return str(e)[:600]
+    first = failures[min(failures)]
+    if isinstance(first, tuple) and first and isinstance(first[0], BaseException):   # (exception, its frames)
+        first = first[0]
+    return f"{type(first).__name__}: {first}"[:600]
+
+
+def fsync_shards(tmp: str) -> None:
+    """Rank 0, before the commit: the entries of ``shards/`` (every rank's files) on disk."""
+    from memo.integrations.checkpoint import _fsync
+    _fsync(os.path.join(tmp, SHARDS))
+
+
+def _clone(tree: Any) -> Any:
+    from torch.utils._pytree import tree_map_only
+    return tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tree)
+
+
+def read_shards(directory: str, model, optimizer) -> tuple[dict, dict]:
+    """``dcp.load`` into clones of the live state dicts (NOTE [ Sharded checkpoints ] rule 3), checked."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from memo.integrations.checkpoint_checks import check_like
+    shards = os.path.join(directory, SHARDS)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    staged = {"model": _clone(model_sd), "optimizer": _clone(optim_sd)}
+    try:
+        dcp.load(staged, checkpoint_id=shards)
+    except (CheckpointException, RuntimeError, ValueError, OSError, KeyError) as e:
+        what = _first_failure(e) if isinstance(e, CheckpointException) else f"{type(e).__name__}: {str(e)[:600]}"
+        raise MemoError(f"{_WHO}: cannot read the shards in {shards} ({what}); they "
+                        f"are incomplete or corrupt, or were written for another model or optimizer. Build the "
+                        f"model and optimizer of the saved run, or resume from another checkpoint") from e
+    groups, live = staged["optimizer"].get("param_groups", []), optim_sd.get("param_groups", [])
+    if len(groups) != len(live):
+        raise MemoError(f"{_WHO}: {shards}: field optimizer/param_groups has {len(groups)} groups, this optimizer "
+                        f"{len(live)}; build the optimizer of the saved run")
+    for i, (g, lg) in enumerate(zip(groups, live)):
+        for key, value in lg.items():
+            if key not in ("params", "param_names") and key in g:
+                check_like(g[key], value, shards, f"optimizer/param_groups/{i}/{key}")
+    for part in ("model", "optimizer"):
+        _check_finite(staged[part], shards, part)
+    return staged["model"], staged["optimizer"]
+
+
+def _check_finite(tree: Any, file: str, where: str) -> None:
+    from torch.distributed.tensor import DTensor
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_finite(v, file, f"{where}/{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _check_finite(v, file, f"{where}/{i}")
+    elif isinstance(tree, torch.Tensor):
+        local = tree.to_local() if isinstance(tree, DTensor) else tree
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            raise MemoError(f"{_WHO}: {file}: field {where} holds values that are not finite; the checkpoint is "
+                            f"corrupt or the run had diverged, resume from another checkpoint")
+
+
+def apply(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def export_pretrained(model, directory: str) -> str:
+    """Write the whole weights of an FSDP2-sharded HF ``model`` as a plain ``save_pretrained`` directory.
+
+    Gathers the full state dict (``StateDictOptions(full_state_dict=True, cpu_offload=True)``: the
+    whole weights on rank 0's CPU, nothing on the others) and has rank 0 write ``directory`` with the
+    model's own ``save_pretrained`` (``model.safetensors`` + ``config.json``), which
+    ``AutoModelForCausalLM.from_pretrained(directory)`` loads without memo or FSDP. A collective:
+    call it on every rank. Returns ``directory``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from memo.integrations.checkpoint import _agree, _rank_world
+    if not isinstance(model, torch.nn.Module) or not is_fsdp2(model):
+        raise MemoError(f"{_WHO}.export_pretrained: the model is not sharded by FSDP2 (got "
+                        f"{type(model).__name__}); for an unsharded HF model call model.save_pretrained(directory) "
+                        f"on rank 0")
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise MemoError(f"{_WHO}.export_pretrained: {type(model).__name__} has no save_pretrained (not a Hugging "
+                        f"Face model); gather its weights with torch.distributed.checkpoint.state_dict."
+                        f"get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) instead")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise MemoError(f"{_WHO}.export_pretrained: directory={directory!r} must be a path")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rank, _ = _rank_world()
+    error = None
+    if rank == 0:
+        try:
+            model.save_pretrained(os.fspath(directory), state_dict=full, safe_serialization=True)
+        except Exception as e:   # any failure must reach the agreement below, or the other ranks would wait
+            error = e
+    _agree(error, f"exporting the weights to {directory}", f"{directory} may hold a partial export")
+    return os.fspath(directory)

@@ -1,0 +1,93 @@
+"""Sharded checkpoints under FSDP2 (issue 18 item 3; NOTE [ Sharded checkpoints ] in
+integrations/checkpoint_sharded.py), on 4 gloo ranks: data parallel 2 x sequence parallel 2, the
+memo-wrapped tiny Llama sharded over all 4 by memo.integrations.fsdp.fully_shard, AdamW + LambdaLR,
+fp32 on CPU (tests/sp_workers/fsdp_ckpt_cases.py).
+
+Two launches, so the resume runs in fresh processes and a fresh process group:
+
+1. ``first``: two steps, save (step 2), export, the third step; then a save that fails on rank 1
+   inside ``dcp.save`` and a save every rank leaves by ``os._exit`` after writing its shards.
+2. ``resume``: refused loads (a plain model, another optimizer class, a truncated shard) change
+   nothing; the load gets step 2 from the pointer (not the killed save's leftovers) and the third
+   step gives the uninterrupted run's loss and parameters bit for bit; the next save removes the
+   leftovers.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from distributed import launch
+
+WORLD, SP = 4, 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sharded")
+    root, export = str(base / "root"), str(base / "export")
+    first = launch("fsdp_ckpt_cases.py", WORLD, timeout=300, sp=SP, root=root, export=export, phase="first")
+    resume = launch("fsdp_ckpt_cases.py", WORLD, timeout=300, sp=SP, root=root, export=export, phase="resume")
+    return {"root": root, "export": export, "first": first, "resume": resume}
+
+
+def test_resume_in_a_fresh_process_group_is_bit_identical(runs):
+    for rank, (a, b) in enumerate(zip(runs["first"], runs["resume"])):
+        assert b["loaded"] == {"step": 2, "data_state": {"cursor": 2, "rank": rank}}, b["loaded"]
+        assert a["params_at_2"].keys() == b["params_at_2"].keys()
+        for n in a["params_at_2"]:
+            assert torch.equal(a["params_at_2"][n], b["params_at_2"][n]), f"rank {rank}: {n} loaded differently"
+        assert torch.equal(a["loss_3"], b["loss_3"]), (rank, a["loss_3"].item(), b["loss_3"].item())
+        for n in a["params_at_3"]:
+            assert torch.equal(a["params_at_3"][n], b["params_at_3"][n]), f"rank {rank}: {n} differs after step 3"
+    # The control: step 3 moved the parameters (an optimizer state not restored would move them otherwise).
+    a = runs["first"][0]
+    assert not all(torch.equal(a["params_at_2"][n], a["params_at_3"][n]) for n in a["params_at_2"])
+    # Each replica trains on its own sequence: the two ranks of a replica agree, the replicas differ.
+    losses = [r["loss_3"] for r in runs["resume"]]
+    assert torch.equal(losses[0], losses[1]) and torch.equal(losses[2], losses[3]) and not torch.equal(losses[0],
+                                                                                                      losses[2])
+
+
+def test_a_save_failing_on_one_rank_or_killed_leaves_the_previous_checkpoint(runs):
+    for res in runs["first"]:
+        # ENOSPC on rank 1 inside dcp.save: every rank raises, naming the rank and the cause.
+        assert "failed on rank(s) [1]" in res["failed_save"] and "No space left on device" in res["failed_save"], \
+            res["failed_save"]
+        directory, listing = res["after_failed_save"]
+        assert directory.endswith("step-000000002") and listing == ["latest.json", "step-000000002"], listing
+    for res in runs["resume"]:
+        # The killed save left its shards in .tmp-save (no .metadata, no commit); the load read step 2.
+        assert res["listing_before"] == [".tmp-save", "latest.json", "step-000000002"], res["listing_before"]
+        assert res["tmp_before"] == [f"__{r}_0.distcp" for r in range(WORLD)], res["tmp_before"]
+        assert res["listing_after"] == ["latest.json", "step-000000002", "step-000000003"], res["listing_after"]
+    with open(os.path.join(runs["root"], "latest.json")) as f:
+        assert json.load(f)["current"] == "step-000000003"
+
+
+def test_refused_loads_change_nothing(runs):
+    for res in runs["resume"]:
+        assert "is a sharded checkpoint (FSDP2, written by 4 ranks" in res["plain_model"], res["plain_model"]
+        assert "memo.integrations.fsdp.fully_shard" in res["plain_model"]
+        assert "field optimizer_class is 'torch.optim.adamw.AdamW'" in res["sgd"], res["sgd"]
+        # Rank 1's shard is truncated: every rank refuses (DCP reads collectively), naming the directory.
+        assert "cannot read the shards in" in res["corrupt"] and "-corrupt" in res["corrupt"], res["corrupt"]
+        assert res["unchanged_after_refusals"], "a refused load changed the model or the optimizer"
+
+
+def test_export_loads_as_a_plain_model_with_the_gathered_weights(runs):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    export = runs["export"]
+    with safe_open(os.path.join(export, "model.safetensors"), "pt") as f:
+        assert f.keys(), "no weights exported"
+    with open(os.path.join(export, "config.json")) as f:
+        assert "memo" not in f.read(), "memo's attention implementation must not be saved in the config"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    gathered = runs["first"][0]["params_at_2"]
+    got = dict(model.named_parameters())
+    assert got.keys() == gathered.keys()
+    for n, p in got.items():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), gathered[n]), n
