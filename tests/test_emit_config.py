@@ -146,6 +146,8 @@ def test_sequence_parallel_groups_do_not_straddle_machines(tmp_path, capsys, mac
     code, _, err = _dry_run(str(path), capsys)
     if ok:
         assert code == 0, err
+        # Groups over whole machines under the ring: a note that hybrid keeps most steps inside a machine.
+        assert ("sp_backend: hybrid runs Ulysses inside each machine" in err) == (sp > processes // machines), err
     else:
         words = "does not divide num_processes" if processes % sp else "would straddle two machines"
         assert code == 2 and words in err, err

@@ -31,11 +31,14 @@ still says what the plan planned.
 #    machine's ranks are consecutive) lie inside a machine when P divides its processes, and span
 #    whole machines when P is a multiple of them (then ``sp_backend: hybrid`` runs Ulysses inside a
 #    machine and the ring across). Any other P makes some groups straddle two machines: refused.
+#    Groups over whole machines with ``sp_backend: ring`` run: ``memo launch`` says on stderr that
+#    each ring step then crosses the network and that hybrid keeps all but one step inside a machine.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from memo.errors import MemoError
@@ -150,7 +153,7 @@ def write(path: str, plan: dict, plan_path: str) -> dict:
     return config
 
 
-def check_machines(config: dict, sp: int, path: str) -> None:
+def check_machines(config: dict, sp: int, path: str, backend: str = "ring") -> None:
     """NOTE [ Plan to launch ] rule 5: sequence-parallel groups do not straddle machines needlessly."""
     machines, processes = config.get("num_machines") or 1, config.get("num_processes", 1)
     if not isinstance(machines, int) or isinstance(machines, bool) or machines < 1 or processes % machines:
@@ -165,6 +168,10 @@ def check_machines(config: dict, sp: int, path: str) -> None:
                         f"machines while others do not; use a size that divides {per} (groups inside a machine) "
                         f"or a multiple of it (whole machines, sp_backend: hybrid for Ulysses inside each): "
                         f"one of {fits}")
+    if machines > 1 and sp > per and backend == "ring":
+        print(f"memo launch: memo.sequence_parallel_size={sp} spans {sp // per} machines of {per} processes with "
+              f"sp_backend ring, so ring steps cross the network; sp_backend: hybrid runs Ulysses inside each "
+              f"machine and the ring across them", file=sys.stderr)
 
 
 def check_launch(config: dict, settings: dict, path: str) -> None:
@@ -172,7 +179,7 @@ def check_launch(config: dict, settings: dict, path: str) -> None:
     kind = str(config.get("distributed_type", "")).upper()
     sp = settings.get("sequence_parallel_size", 1)
     fsdp = config.get("fsdp_config") or {}
-    check_machines(config, sp, path)
+    check_machines(config, sp, path, settings.get("sp_backend", "ring"))
     if kind == "FSDP" and sp > 1:
         version = fsdp.get("fsdp_version", 1) if isinstance(fsdp, dict) else 1
         if version != 2:
