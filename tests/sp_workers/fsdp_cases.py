@@ -5,7 +5,7 @@ Replica d = rank // P trains on sequence ``100 + step * replicas + d`` of every 
 
 - ``runs``: for each mesh (``flat``: all W ranks in one dimension; ``hsdp`` when W > P: replicate
   W/P x shard P), a memo-wrapped Llama (swap ratio 0.5) sharded with ``fully_shard``, three AdamW
-  steps; when W > P also ``zero3``: the same under DeepSpeed ZeRO-3 (memo.integrations.deepspeed). Reported: every step's loss (the replica's whole-sequence loss), the whole gradient of
+  steps; ``zero3``: the same under DeepSpeed ZeRO-3 (memo.integrations.deepspeed). Reported: every step's loss (the replica's whole-sequence loss), the whole gradient of
   step 1 and the gradient norm of every step (gathered from the shards), the parameters after
   the last step, this rank's parameter bytes against the model's, and what every recompute saw.
 - ``reference`` (rank 0): one process, no memo, no FSDP, on the same sequences (the W/P replicas'
@@ -191,10 +191,9 @@ def refusals(sp: int, rank: int, world: int) -> dict:
 
 
 def main(rank, world, sp):
-    out = {"runs": {"flat": train(sp, "flat", rank, world)}}
+    out = {"runs": {"flat": train(sp, "flat", rank, world), "zero3": train_zero3(sp, rank, world)}}
     if world > sp:
         out["runs"]["hsdp"] = train(sp, "hsdp", rank, world)
-        out["runs"]["zero3"] = train_zero3(sp, rank, world)
         out["refusals"] = refusals(sp, rank, world)
     if rank == 0:
         out["reference"] = {"fp32": reference(torch.float32, world // sp),
