@@ -8,8 +8,11 @@
 A run resumed this way continues with bit-identical losses in fp32 on CPU (same world size, same
 thread count): the weights, the optimizer's and scheduler's states, every RNG a training loop
 draws from and the caller's data position come back exactly. Works on a memo-wrapped model (memo
-adds no parameters or buffers, so the weights have the plain model's keys), under DDP and under
-memo's sequence parallelism; call both functions on every rank. Saving again to the same ``path``
+adds no parameters or buffers, so the weights have the plain model's keys), under DDP, under
+memo's sequence parallelism and under FSDP2 (``memo.integrations.fsdp.fully_shard``: each rank
+saves its shards through torch.distributed.checkpoint, NOTE [ Sharded checkpoints ] in
+checkpoint_sharded.py; ``export_pretrained(model, directory)`` writes its whole weights as a plain
+HF model); call both functions on every rank. Saving again to the same ``path``
 is safe at any moment: a save killed half-way, or stopped by a full disk, leaves the previous
 checkpoint loadable (NOTE [ Atomic checkpoint commit ]); a load checks every file before it
 changes anything (NOTE [ Checked loads ] in checkpoint_checks.py).
@@ -71,6 +74,7 @@ from typing import Any
 import torch
 
 from memo.errors import MemoError
+from memo.integrations.checkpoint_sharded import export_pretrained  # noqa: F401  (the API of sharded checkpoints)
 
 _WHO = "memo.checkpoint"
 FORMAT = "memo-checkpoint"

@@ -28,13 +28,16 @@ FSDP).
 #    a fresh one is, gets the zero state ``get_state_dict`` gives it removed again).
 # 4. Same world size W: DCP could reshard, but each rank's RNG and data position are saved per rank,
 #    so a resume with other W would not continue the same run; refused (check_header).
-# 5. DCP reads its ``.metadata`` with pickle (torch's format): load sharded checkpoints you trust
-#    only. The shard files are read by DCP with ``torch.load(weights_only=True)``.
+# 5. DCP's ``.metadata`` is a pickle (torch's format). memo reads it with an unpickler that builds
+#    only DCP's metadata classes, ``torch.Size``, dtypes, layouts and paths (``_MetadataUnpickler``),
+#    so a crafted file cannot run code; anything else is a MemoError naming the file. DCP reads the
+#    shard files' non-tensor values with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -102,6 +105,50 @@ def fsync_shards(tmp: str) -> None:
     _fsync(os.path.join(tmp, SHARDS))
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """NOTE [ Sharded checkpoints ] rule 5: DCP's metadata classes and torch's plain types only."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {"Metadata", "StorageMeta", "TensorProperties",
+                                                  "TensorStorageMetadata", "BytesStorageMetadata",
+                                                  "ChunkStorageMetadata", "MetadataIndex", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+        "torch": {"Size"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self._ALLOWED.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not one of DCP's metadata types")
+
+
+def _metadata_reader(shards: str):
+    """DCP's FileSystemReader, reading ``.metadata`` with ``_MetadataUnpickler``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with self.fs.create_stream(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as e:
+                raise MemoError(f"{_WHO}: {path} is not DCP metadata ({type(e).__name__}: {e}); the file is corrupt "
+                                f"or not torch's, resume from another checkpoint") from e
+            if not isinstance(metadata, Metadata):
+                raise MemoError(f"{_WHO}: {path} holds a {type(metadata).__name__}, not DCP metadata; the file is "
+                                f"corrupt or not torch's, resume from another checkpoint")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+    return Reader(shards)
+
+
 def _clone(tree: Any) -> Any:
     from torch.utils._pytree import tree_map_only
     return tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tree)
@@ -117,7 +164,7 @@ def read_shards(directory: str, model, optimizer) -> tuple[dict, dict]:
     model_sd, optim_sd = _state_dicts(model, optimizer)
     staged = {"model": _clone(model_sd), "optimizer": _clone(optim_sd)}
     try:
-        dcp.load(staged, checkpoint_id=shards)
+        dcp.load(staged, storage_reader=_metadata_reader(shards))
     except (CheckpointException, RuntimeError, ValueError, OSError, KeyError) as e:
         what = _first_failure(e) if isinstance(e, CheckpointException) else f"{type(e).__name__}: {str(e)[:600]}"
         raise MemoError(f"{_WHO}: cannot read the shards in {shards} ({what}); they "

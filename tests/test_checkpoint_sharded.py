@@ -8,7 +8,7 @@ Two launches, so the resume runs in fresh processes and a fresh process group:
 1. ``first``: two steps, save (step 2), export, the third step; then a save that fails on rank 1
    inside ``dcp.save`` and a save every rank leaves by ``os._exit`` after writing its shards.
 2. ``resume``: refused loads (a plain model, another optimizer class, a truncated shard) change
-   nothing; the load gets step 2 from the pointer (not the killed save's leftovers) and the third
+   nothing (and a crafted ``.metadata`` runs nothing); the load gets step 2 from the pointer (not the killed save's leftovers) and the third
    step gives the uninterrupted run's loss and parameters bit for bit; the next save removes the
    leftovers.
 """
@@ -74,6 +74,11 @@ def test_refused_loads_change_nothing(runs):
         assert "field optimizer_class is 'torch.optim.adamw.AdamW'" in res["sgd"], res["sgd"]
         # Rank 1's shard is truncated: every rank refuses (DCP reads collectively), naming the directory.
         assert "cannot read the shards in" in res["corrupt"] and "-corrupt" in res["corrupt"], res["corrupt"]
+        # A crafted .metadata (a pickle calling os.mkdir) is refused without running it (NOTE [ Sharded
+        # checkpoints ] rule 5).
+        assert "is not DCP metadata" in res["crafted"] and "posix.mkdir is not one of DCP's" in res["crafted"], \
+            res["crafted"]
+        assert not res["crafted_ran"]
         assert res["unchanged_after_refusals"], "a refused load changed the model or the optimizer"
 
 
@@ -91,3 +96,12 @@ def test_export_loads_as_a_plain_model_with_the_gathered_weights(runs):
     assert got.keys() == gathered.keys()
     for n, p in got.items():
         assert p.dtype == torch.float32 and torch.equal(p.detach(), gathered[n]), n
+
+
+def test_export_refuses_a_model_fsdp2_does_not_shard():
+    from memo import MemoError
+    from memo.integrations.checkpoint import export_pretrained
+    from models import build
+    with pytest.raises(MemoError, match=r"not sharded by FSDP2 \(got LlamaForCausalLM\); for an unsharded HF model "
+                                        r"call model.save_pretrained\(directory\) on rank 0"):
+        export_pretrained(build("llama"), "/nonexistent/export")

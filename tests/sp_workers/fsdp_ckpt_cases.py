@@ -9,12 +9,14 @@ mesh of all W ranks; replica d = rank // P trains on sequence ``_ids(step, d)``;
   ``os._exit`` right after writing its shards (a kill in the middle of the save: ``.metadata`` and
   the commit never happen).
 - ``phase="resume"``: fresh processes and process group; refused loads first (a plain model, an SGD
-  optimizer, a root whose shard of rank 1 is corrupt: nothing changes), then ``load_checkpoint(root)``
+  optimizer, a root whose shard of rank 1 is corrupt, one whose DCP ``.metadata`` is a pickle that
+  would create a directory: nothing changes, nothing runs), then ``load_checkpoint(root)``
   and the third step; then a save of step 3 into the root, which removes the leftovers.
 """
 
 import errno
 import os
+import pickle
 import shutil
 
 import torch
@@ -25,8 +27,7 @@ from torch.distributed.tensor import DTensor
 import memo
 from distributed import save_and_exit
 from memo.integrations import fsdp as memo_fsdp
-from memo.integrations.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from memo.integrations.checkpoint_sharded import export_pretrained
+from memo.integrations.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from memo.parallel import shard_batch
 from models import build
 from sp_workers.ckpt_sp import _error
@@ -79,6 +80,16 @@ def _same_local(a: dict, b: dict) -> bool:
                     for p in a["optimizer"]))
 
 
+class _MakesDirectory:
+    """A pickle that, unpickled by pickle.load, creates a directory (as a crafted .metadata could run anything)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
 def first(rank: int, world: int, sp: int, root: str, export: str) -> dict:
     model, optimizer, scheduler = make(sp)
     losses = [step(model, optimizer, scheduler, i, rank, sp) for i in range(2)]
@@ -103,6 +114,7 @@ def first(rank: int, world: int, sp: int, root: str, export: str) -> dict:
     current = latest_checkpoint(root)
     dist.barrier()   # rank 0 removes .tmp-save after the agreement, while the others go on
     out["after_failed_save"] = (current, sorted(os.listdir(root)))
+    dist.barrier()   # every rank has looked before rank 0 makes the next save's .tmp-save
 
     # A save killed after every rank wrote its shards, before DCP's .metadata and the commit.
     def killed(self, plan, planner):
@@ -126,14 +138,19 @@ def resume(rank: int, world: int, sp: int, root: str) -> dict:
     fresh = local_state(model, optimizer)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
     out["sgd"] = _error(lambda: load_checkpoint(root, model=model, optimizer=sgd, scheduler=None))
-    corrupt = root + "-corrupt"
+    corrupt, crafted = root + "-corrupt", root + "-crafted"
     if rank == 0:
         shutil.copytree(root, corrupt)
         shard = os.path.join(latest_checkpoint(corrupt), "shards", "__1_0.distcp")
         with open(shard, "r+b") as f:
             f.truncate(os.path.getsize(shard) // 2)
+        shutil.copytree(root, crafted)
+        with open(os.path.join(latest_checkpoint(crafted), "shards", ".metadata"), "wb") as f:
+            pickle.dump(_MakesDirectory(crafted + "-ran"), f)
     dist.barrier()
     out["corrupt"] = _error(lambda: load_checkpoint(corrupt, model=model, optimizer=optimizer, scheduler=scheduler))
+    out["crafted"] = _error(lambda: load_checkpoint(crafted, model=model, optimizer=optimizer, scheduler=scheduler))
+    out["crafted_ran"] = os.path.exists(crafted + "-ran")
     out["unchanged_after_refusals"] = _same_local(fresh, local_state(model, optimizer)) and not optimizer.state
 
     got = load_checkpoint(root, model=model, optimizer=optimizer, scheduler=scheduler)
