@@ -74,7 +74,8 @@ from typing import Any
 import torch
 
 from memo.errors import MemoError
-from memo.integrations.checkpoint_sharded import export_pretrained  # noqa: F401  (the API of sharded checkpoints)
+from memo.integrations import checkpoint_sharded as sharded_ckpt
+from memo.integrations.checkpoint_sharded import export_pretrained, is_fsdp2  # noqa: F401  (export: API)
 
 _WHO = "memo.checkpoint"
 FORMAT = "memo-checkpoint"
@@ -292,8 +293,6 @@ def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose weights are saved: DDP's inner module, or an FSDP2 model itself (its state goes
     through DCP, NOTE [ Sharded checkpoints ]); DeepSpeed and FSDP1 refused (layout rule 3)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    from memo.integrations.checkpoint_sharded import is_fsdp2
     if not isinstance(model, torch.nn.Module):
         raise MemoError(f"{_WHO}: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (DistributedDataParallel, DataParallel)):
@@ -394,8 +393,6 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     """
     from safetensors.torch import save_model
 
-    from memo.integrations import checkpoint_sharded as sharded_ckpt
-    from memo.integrations.checkpoint_sharded import is_fsdp2
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise MemoError(f"{_WHO}: step={step!r} must be an int >= 0 (the number of optimizer steps taken)")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -477,7 +474,6 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     ``save_checkpoint``).
     """
     from memo.integrations import checkpoint_checks as checks
-    from memo.integrations.checkpoint_sharded import is_fsdp2
     module = _plain_module(model)
     if is_fsdp2(module):
         return _load_sharded(path, module, optimizer, scheduler)
@@ -497,7 +493,6 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
 def _load_sharded(path: str, model: torch.nn.Module, optimizer, scheduler) -> dict:
     """NOTE [ Sharded checkpoints ] rule 3: check, agree, read the shards into clones, agree, apply."""
     from memo.integrations import checkpoint_checks as checks
-    from memo.integrations import checkpoint_sharded as sharded_ckpt
     rank, world = _rank_world()
     error, loaded, directory = None, None, None
     try:
