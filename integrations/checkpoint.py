@@ -418,8 +418,10 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    sharded = is_fsdp2(module)
+    sharded, shards = is_fsdp2(module), None
     try:   # rule 2
+        if sharded:
+            shards = sharded_ckpt.state_to_save(module, optimizer)
         enc = _Encoder()
         mine = {"rank": rank, "rng": enc(rng_state(), "rng"), "data_state": enc(data_state, "data_state")}
         _write(_rank_file(tmp, rank), mine, enc.tensors)
@@ -445,7 +447,7 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
 
     if sharded:   # NOTE [ Sharded checkpoints ] rule 2 (b): only after every rank's own files are written
         try:
-            sharded_ckpt.write_shards(tmp, module, optimizer)
+            sharded_ckpt.write_shards(tmp, shards)
             if rank == 0:
                 sharded_ckpt.fsync_shards(tmp)
             error = None

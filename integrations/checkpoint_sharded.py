@@ -15,11 +15,12 @@ FSDP).
 #    as ``get_state_dict`` gives them (sharded: each rank writes its own shards, ``__r_0.distcp``,
 #    and rank 0 the ``.metadata``). DCP fsyncs each file (``sync_files``).
 # 2. Save in two phases, each closed by the ranks' agreement (checkpoint._agree): (a) each rank's
-#    own files and rank 0's state; (b) ``dcp.save``, a collective. A rank that failed in (a) never
-#    enters (b), so no rank waits in a DCP collective for a peer that gave up; a failure inside (b)
-#    DCP raises on every rank itself (it gathers every rank's result). The commit (rename, pointer)
-#    follows only after (b) succeeded on all ranks: a save killed or failing in any phase leaves
-#    ``latest.json`` naming the previous, complete checkpoint.
+#    own files, rank 0's state and each rank's state dicts (``get_state_dict``, local); (b)
+#    ``dcp.save``, a collective. A rank that failed in (a) never enters (b), so no rank waits in a
+#    DCP collective for a peer that gave up; a failure inside (b) DCP raises on every rank itself
+#    (it gathers every rank's result). The commit (rename, pointer) follows only after (b)
+#    succeeded on all ranks: a save killed or failing in any phase leaves ``latest.json`` naming
+#    the previous, complete checkpoint.
 # 3. Load: read and check ``state.json`` and this rank's file (NOTE [ Checked loads ]), agree; then
 #    ``dcp.load`` into clones of the live state dicts (the model's and optimizer's shards, so
 #    twice their memory for a moment), check the loaded hyperparameters and that every floating
@@ -75,13 +76,19 @@ def write_state(tmp: str, model, optimizer, scheduler, step: int, world: int) ->
     _write(os.path.join(tmp, STATE), state, enc.tensors)
 
 
-def write_shards(tmp: str, model, optimizer) -> None:
+def state_to_save(model, optimizer) -> dict:
+    """Phase (a) of NOTE [ Sharded checkpoints ] rule 2: this rank's shards, as DCP saves them (no
+    collective, so a rank that fails here fails before any rank enters ``dcp.save``)."""
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def write_shards(tmp: str, state: dict) -> None:
     """Phase (b) of NOTE [ Sharded checkpoints ] rule 2: ``dcp.save``, a collective of every rank."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    model_sd, optim_sd = _state_dicts(model, optimizer)
     try:
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, SHARDS))
+        dcp.save(state, checkpoint_id=os.path.join(tmp, SHARDS))
     except CheckpointException as e:   # a BaseException: it would pass the callers' ``except Exception``
         raise MemoError(f"{_WHO}: writing the shards into {os.path.join(tmp, SHARDS)} failed on rank(s) "
                         f"{sorted(e.failures)}: {_first_failure(e)}. The previous checkpoint is unchanged; free disk "
