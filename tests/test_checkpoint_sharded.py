@@ -1,7 +1,7 @@
 """Sharded checkpoints under FSDP2 (issue 18 item 3; NOTE [ Sharded checkpoints ] in
 integrations/checkpoint_sharded.py), on 4 gloo ranks: data parallel 2 x sequence parallel 2, the
 memo-wrapped tiny Llama sharded over all 4 by memo.integrations.fsdp.fully_shard, AdamW + LambdaLR,
-fp32 on CPU (tests/sp_workers/fsdp_ckpt_cases.py).
+fp32 on CPU (tests/sp_workers/fsdp_ckpt_cases.py); the resume also on a (replicate 2, shard 2) mesh.
 
 Two launches, so the resume runs in fresh processes and a fresh process group:
 
@@ -42,6 +42,11 @@ def test_resume_in_a_fresh_process_group_is_bit_identical(runs):
         assert torch.equal(a["loss_3"], b["loss_3"]), (rank, a["loss_3"].item(), b["loss_3"].item())
         for n in a["params_at_3"]:
             assert torch.equal(a["params_at_3"][n], b["params_at_3"][n]), f"rank {rank}: {n} differs after step 3"
+        # The same on a (replicate 2, shard 2) mesh.
+        ha, hb = a["hsdp"], b["hsdp"]
+        assert torch.equal(ha["loss_3"], hb["loss_3"]), (rank, ha["loss_3"].item(), hb["loss_3"].item())
+        for n in ha["params_at_3"]:
+            assert torch.equal(ha["params_at_3"][n], hb["params_at_3"][n]), f"hsdp rank {rank}: {n} differs"
     # The control: step 3 moved the parameters (an optimizer state not restored would move them otherwise).
     a = runs["first"][0]
     assert not all(torch.equal(a["params_at_2"][n], a["params_at_3"][n]) for n in a["params_at_2"])

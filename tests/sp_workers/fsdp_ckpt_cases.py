@@ -3,6 +3,8 @@
 ``main(rank, world, sp, root, export, phase)``: W = world ranks, sequence parallelism P = sp, on a
 mesh of all W ranks; replica d = rank // P trains on sequence ``_ids(step, d)``; AdamW + LambdaLR.
 
+- both phases first (``first``) or last (``resume``): the same on a (replicate W/P, shard P) mesh,
+  saved into ``root + "-hsdp"`` after two steps, then the third step.
 - ``phase="first"``: two steps, ``save_checkpoint(root, step=2)``, ``export_pretrained(export)``;
   the third step (its loss, then the whole parameters); then a save of step 3 that fails on rank 1
   inside ``dcp.save`` (ENOSPC from DCP's writer), then a save of step 3 that every rank leaves by
@@ -22,6 +24,7 @@ import shutil
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import memo
@@ -40,11 +43,13 @@ def _ids(step: int, replica: int) -> torch.Tensor:
     return torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(100 + step * 97 + replica))
 
 
-def make(sp: int, shard: bool = True):
+def make(sp: int, shard: bool = True, hsdp: bool = False):
     model = build("llama", seed=0)
     memo.wrap(model, memo.MemoConfig(sequence_parallel_size=sp, **MEMO))
     if shard:
-        memo_fsdp.fully_shard(model)
+        world = dist.get_world_size()
+        mesh = init_device_mesh("cpu", (world // sp, sp), mesh_dim_names=("replicate", "shard")) if hsdp else None
+        memo_fsdp.fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9 ** s)
     return model, optimizer, scheduler
@@ -90,13 +95,26 @@ class _MakesDirectory:
         return os.mkdir, (self.path,)
 
 
+def hsdp_run(rank: int, sp: int, root: str, resume: bool) -> dict:
+    """On a (replicate, shard) mesh: two steps and a save, or a load; then the third step."""
+    model, optimizer, scheduler = make(sp, hsdp=True)
+    if resume:
+        load_checkpoint(root, model=model, optimizer=optimizer, scheduler=scheduler)
+    else:
+        for i in range(2):
+            step(model, optimizer, scheduler, i, rank, sp)
+        save_checkpoint(root, model=model, optimizer=optimizer, scheduler=scheduler, step=2)
+    return {"loss_3": step(model, optimizer, scheduler, 2, rank, sp), "params_at_3": full_params(model)}
+
+
 def first(rank: int, world: int, sp: int, root: str, export: str) -> dict:
+    hsdp = hsdp_run(rank, sp, root + "-hsdp", resume=False)
     model, optimizer, scheduler = make(sp)
     losses = [step(model, optimizer, scheduler, i, rank, sp) for i in range(2)]
     saved_dir = save_checkpoint(root, model=model, optimizer=optimizer, scheduler=scheduler, step=2,
                                 data_state={"cursor": 2, "rank": rank})
     export_pretrained(model, export)
-    out = {"saved_dir": saved_dir, "params_at_2": full_params(model), "losses": losses}
+    out = {"saved_dir": saved_dir, "params_at_2": full_params(model), "losses": losses, "hsdp": hsdp}
     out["loss_3"] = step(model, optimizer, scheduler, 2, rank, sp)
     out["params_at_3"] = full_params(model)
 
@@ -161,6 +179,7 @@ def resume(rank: int, world: int, sp: int, root: str) -> dict:
     save_checkpoint(root, model=model, optimizer=optimizer, scheduler=scheduler, step=3,
                     data_state={"cursor": 3, "rank": rank})
     out["listing_after"] = sorted(os.listdir(root))
+    out["hsdp"] = hsdp_run(rank, sp, root + "-hsdp", resume=True)
     return out
 
 
