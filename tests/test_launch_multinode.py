@@ -52,7 +52,13 @@ def test_two_memo_launches_form_one_sequence_parallel_job_equal_to_one_process(t
                 q.kill()
             raise AssertionError("the two launches did not finish in 240 s:\n" + "\n".join(
                 q.communicate()[0][-3000:] for q in procs))
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    # torch.distributed.run's agents meet in an exit barrier after the job; on a loaded machine one agent
+    # can find the other's store already closed ("Error waiting on exit barrier") and abort after every
+    # rank finished. That teardown race is torch elastic's, not the job's: accepted only when every rank
+    # wrote its result; any other non-zero exit fails.
+    for p, log in zip(procs, logs):
+        done = all((out / f"{rank}.json").exists() for rank in range(4))
+        assert p.returncode == 0 or (done and "Error waiting on exit barrier" in log), log[-3000:]
     seen = [json.load(open(out / f"{rank}.json")) for rank in range(4)]
     for rank, s in enumerate(seen):
         assert s["rank"] == rank and s["world"] == 4 and s["sp_ranks"] == [0, 1, 2, 3], s
