@@ -356,6 +356,45 @@ def autocast_like(state: list[tuple], cache: Optional[bool] = None) -> contextli
     return stack
 
 
+def _partial_shape(p: torch.Tensor) -> Optional[tuple]:
+    """The whole shape of a parameter this rank holds only part of (DeepSpeed ZeRO-3 outside the layer's
+    forward: ``ds_shape``; FSDP2: a DTensor), else None."""
+    ds_shape = getattr(p, "ds_shape", None)
+    if ds_shape is not None and tuple(p.shape) != tuple(ds_shape):
+        return tuple(ds_shape)
+    if type(p).__name__ == "DTensor":
+        return tuple(p.shape)
+    return None
+
+
+@contextlib.contextmanager
+def _whole_parameters(layer: torch.nn.Module):
+    """NOTE [ Tracing a layer whose weights are sharded ]
+
+    memo traces every swapped layer when it sizes the host pool, at the first layer's forward; a
+    layer whose input requires grad differently (the first, after a frozen embedding) is traced
+    apart, so under ZeRO-3 or FSDP2 some traced layers hold only their shard of each weight (their
+    weights are gathered only inside their own forward). The trace needs the whole shapes only, so
+    such parameters are replaced, for the trace, by fake whole tensors (same dtype, device and
+    requires_grad); nothing is gathered and no memory is used. Must run under the trace's
+    FakeTensorMode; the original parameters are put back on exit.
+    """
+    swapped = []
+    try:
+        for module in layer.modules():
+            for name, p in list(module._parameters.items()):
+                shape = None if p is None else _partial_shape(p)
+                if shape is not None:
+                    device = p.to_local().device if type(p).__name__ == "DTensor" else p.device
+                    whole = torch.empty(shape, dtype=p.dtype, device=device)
+                    module._parameters[name] = torch.nn.Parameter(whole, requires_grad=p.requires_grad)
+                    swapped.append((module, name, p))
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 def trace_layer(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall) -> LayerTrace:
     """Saved tensors of ``layer_forward(call)`` with their class and token layout, using no memory.
 
@@ -363,16 +402,17 @@ def trace_layer(layer_forward: Callable, layer: torch.nn.Module, call: LayerCall
     the dimensions that shrank are the token dimensions. Raises MemoError if the layer saves a
     different sequence of tensors for the prefix (its saved tensors are then not token-wise).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     if call.seq < 2:
         raise MemoError(f"memo.trace: sequence length {call.seq} is too short to swap token-wise; use >= 2 tokens")
     short_seq = call.seq - 1
     with autocast_like(autocast_state(call.hidden_states.device.type), cache=False), \
-            FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            FakeTensorMode(allow_non_fake_inputs=True) as mode, _whole_parameters(layer):
         # Fake copies of the parameters stay alive for the whole trace, so the converter's memo
         # hands the same fake tensor to every op and storage keys are not reused.
-        fakes = {id(t): mode.from_tensor(t) for t in list(layer.parameters()) + list(layer.buffers())}
+        fakes = {id(t): t if isinstance(t, FakeTensor) else mode.from_tensor(t)
+                 for t in list(layer.parameters()) + list(layer.buffers())}
 
         def fake(t: torch.Tensor) -> torch.Tensor:
             return fakes[id(t)] if id(t) in fakes else mode.from_tensor(t)

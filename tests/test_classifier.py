@@ -73,3 +73,41 @@ def test_runtime_and_planner_classify_every_saved_tensor_alike(family):
     # memo plan's profile (its own layer, fake tensors) labels the same layer's saved tensors alike.
     profiled = profile_model(model, seq_len=SEQ, micro_batch=BATCH, dtype="fp32", loss_chunk=None)
     assert [s["kind"] for s in profiled.saved] == expected
+
+
+@pytest.mark.parametrize("kind", ["zero3", "dtensor"])
+def test_a_layer_holding_only_its_shards_traces_as_the_whole_layer(kind):
+    """NOTE [ Tracing a layer whose weights are sharded ]: memo traces layers other than the running one
+    when it sizes the host pool; under ZeRO-3 (``param.data`` empty, ``ds_shape`` whole) or FSDP2 (a
+    DTensor) such a layer holds only its shard. Its trace must be the whole layer's, and the layer's
+    parameters must be its own again afterwards."""
+    import copy
+    model = SMALL["llama"]
+    layer, x, shared = _layer(model)
+    kwargs = {"attention_mask": None, "position_embeddings": shared}
+    whole = trace_layer(layer.forward, layer, LayerCall(x, (), kwargs)).saved
+    sharded = copy.deepcopy(layer)
+    if kind == "zero3":   # the state ZeRO-3 leaves a parameter in outside its module's forward
+        for i, p in enumerate(sharded.parameters()):
+            p.ds_shape, p.ds_id, p.ds_tensor = p.shape, i, p.data.flatten()[: p.numel() // 2].clone()
+            p.data = torch.empty(0, dtype=p.dtype)
+    else:   # a 1-rank mesh: the DTensor's local shard is the whole tensor, its type is what matters
+        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.device_mesh import init_device_mesh
+        import torch.distributed as dist
+        from distributed import free_port
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        for m in sharded.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m._parameters[name] = torch.nn.Parameter(DTensor.from_local(p.data, mesh, [Replicate()]))
+    before = {n: p for n, p in sharded.named_parameters()}
+    try:
+        got = trace_layer(sharded.forward, sharded, LayerCall(x, (), kwargs)).saved
+    finally:
+        if kind == "dtensor":
+            dist.destroy_process_group()
+    assert [(s.cls, s.shape) for s in got] == [(s.cls, s.shape) for s in whole]
+    assert all(p is before[n] for n, p in sharded.named_parameters())
