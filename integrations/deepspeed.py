@@ -35,6 +35,13 @@ forward reads. Stage 3 does (NOTE [ ZeRO-3 and recomputation ]).
 # 5. ``memo_zero_config(..., model=...)`` also names the layer classes in
 #    ``zero_optimization.leaf_module``, so an engine made by someone else (Accelerate) applies rule 3
 #    when it is created, without a call to ``prepare``.
+# 6. DeepSpeed gathers a leaf module's weights for its backward only when its input requires grad
+#    (observed with DeepSpeed 0.19 alone, no memo: a frozen embedding, layers marked leaves, "The size
+#    of tensor a (0) must match the size of tensor b (128)" in the first layer's backward). ``prepare``
+#    therefore adds a forward hook on the input embeddings that makes their output require grad when
+#    the first layer has ZeRO-3 weights to train, as ``enable_input_require_grads`` does in
+#    transformers. The embedding weight stays frozen; the cost is the gradient of the first layer's
+#    input, one hidden-state tensor, computed and dropped.
 
 # NOTE [ DeepSpeed and sequence parallelism ]
 #
@@ -73,6 +80,8 @@ from __future__ import annotations
 import os
 import warnings
 from typing import Any, Optional, Union
+
+import torch
 
 from memo.errors import MemoError
 
@@ -142,7 +151,25 @@ def prepare(model):
                             f"deepspeed.initialize / accelerator.prepare (or use memo.integrations.deepspeed."
                             f"initialize, or pass memo_zero_config(..., model=model) as the DeepSpeed config)")
         set_z3_leaf_module(layer, True)
+    _first_layer_input_requires_grad(model, runtime)
     return model
+
+
+def _first_layer_input_requires_grad(model, runtime) -> None:
+    """NOTE [ ZeRO-3 and recomputation ] rule 6: the input embeddings' output requires grad under ZeRO-3."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is None or getattr(embeddings, "_memo_requires_grad_hook", False):
+        return
+    first = runtime.layers[0]
+
+    def hook(module, args, output):
+        if (isinstance(output, torch.Tensor) and torch.is_grad_enabled() and not output.requires_grad
+                and any(hasattr(p, "ds_id") and p.requires_grad for p in first.parameters())):
+            output.requires_grad_(True)
+        return output
+    embeddings.register_forward_hook(hook)
+    embeddings._memo_requires_grad_hook = True
 
 
 def initialize(model, config: Union[dict, str], **kwargs):
