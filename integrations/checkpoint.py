@@ -75,6 +75,7 @@ import torch
 
 from memo.errors import MemoError
 from memo.integrations import checkpoint_sharded as sharded_ckpt
+from memo.integrations import checkpoint_zero as zero_ckpt
 from memo.integrations.checkpoint_sharded import export_pretrained, is_fsdp2  # noqa: F401  (export: API)
 
 _WHO = "memo.checkpoint"
@@ -190,6 +191,24 @@ def _write(path: str, structure: dict, tensors: dict) -> None:
     _write_json(path, structure)
 
 
+def write_sharded_state(tmp: str, module, scheduler, step: int, world: int, layout: str, optimizer_class: str,
+                        buffers: dict | None = None) -> None:
+    """Rank 0's ``state.json`` (+ ``.safetensors``) and ``config.json`` of a sharded checkpoint: its layout
+    (``"dcp"``, ``"zero3"``), the optimizer's class, the scheduler; the optimizer state lives in the shards."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(tmp)
+        _fsync(os.path.join(tmp, "config.json"))
+    enc = _Encoder()
+    state = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world, "optimizer_layout": layout,
+             "optimizer_class": optimizer_class, "optimizer": None,
+             "scheduler_class": None if scheduler is None else class_name(scheduler),
+             "scheduler": None if scheduler is None else enc(scheduler.state_dict(), "scheduler")}
+    if buffers is not None:
+        state["buffers"] = enc(buffers, "buffers")
+    _write(os.path.join(tmp, STATE), state, enc.tensors)
+
+
 def read_json(path: str) -> Any:
     try:
         with open(path, "rb") as f:
@@ -289,23 +308,33 @@ def _agree(error: BaseException | None, what: str, unchanged: str = "the previou
                     f"{unchanged[1:]}; free disk space (or raise the file-size limit) and save again") from error
 
 
-def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose weights are saved: DDP's inner module, or an FSDP2 model itself (its state goes
-    through DCP, NOTE [ Sharded checkpoints ]); DeepSpeed and FSDP1 refused (layout rule 3)."""
+def _target(model: torch.nn.Module, optimizer) -> tuple[torch.nn.Module, str, Any]:
+    """``(module, kind, engine)``: the module whose weights are saved (DDP's inner module, a DeepSpeed
+    engine's module, an FSDP2 model itself), how its state is laid out ("plain"; "fsdp2": DCP shards,
+    NOTE [ Sharded checkpoints ]; "zero3": per-rank partitions, NOTE [ ZeRO-3 checkpoints ]) and the
+    DeepSpeed engine when one was passed. ZeRO stages 1 and 2 and FSDP1 are refused (layout rule 3)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
     if not isinstance(model, torch.nn.Module):
         raise MemoError(f"{_WHO}: model must be a torch.nn.Module, got {type(model).__name__}")
+    engine = None
+    if type(model).__name__ == "DeepSpeedEngine":
+        engine, model = model, model.module
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
-    kind = type(model).__name__
     if is_fsdp2(model):
-        return model
-    if kind in ("DeepSpeedEngine", "FullyShardedDataParallel") or any(
-            type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters()):
-        raise MemoError(f"{_WHO}: the model's parameters are sharded ({kind}, DeepSpeed ZeRO or FSDP1); memo's "
-                        f"checkpoints save sharded models under FSDP2 only. Shard with "
-                        f"memo.integrations.fsdp.fully_shard, or use that framework's own checkpointing")
-    return model
+        return model, "fsdp2", None
+    if zero_ckpt.is_zero3(model):
+        zero_ckpt.zero_optimizer(optimizer, engine)
+        return model, "zero3", engine
+    kind = type(model).__name__
+    if engine is not None or kind == "FullyShardedDataParallel" or any(
+            type(p).__name__ == "DTensor" for p in model.parameters()):
+        what = "a DeepSpeed engine below ZeRO stage 3" if engine is not None else f"{kind} (FSDP1 or a DTensor model)"
+        raise MemoError(f"{_WHO}: the model is {what}; memo's checkpoints save plain and DDP models, FSDP2 "
+                        f"(memo.integrations.fsdp.fully_shard) and DeepSpeed ZeRO-3 (their optimizer state is "
+                        f"sharded in a layout memo reads). Use ZeRO stage 3 or FSDP2, or that framework's own "
+                        f"checkpointing (engine.save_checkpoint)")
+    return model, "plain", None
 
 
 def class_name(obj: Any) -> str:
@@ -397,7 +426,7 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
         raise MemoError(f"{_WHO}: step={step!r} must be an int >= 0 (the number of optimizer steps taken)")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise MemoError(f"{_WHO}: keep={keep!r} must be an int >= 1 (how many checkpoints to keep)")
-    module = _plain_module(model)
+    module, kind, engine = _target(model, optimizer)
     rank, world = _rank_world()
     tmp = os.path.join(path, TMP)
 
@@ -418,15 +447,20 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    sharded, shards = is_fsdp2(module), None
+    sharded, shards = kind == "fsdp2", None
     try:   # rule 2
         if sharded:
             shards = sharded_ckpt.state_to_save(module, optimizer)
         enc = _Encoder()
         mine = {"rank": rank, "rng": enc(rng_state(), "rng"), "data_state": enc(data_state, "data_state")}
         _write(_rank_file(tmp, rank), mine, enc.tensors)
-        if rank == 0 and sharded:
-            sharded_ckpt.write_state(tmp, module, optimizer, scheduler, step, world)
+        if kind == "zero3":   # NOTE [ ZeRO-3 checkpoints ] rules 2 and 3
+            zero_ckpt.write_partition(tmp, rank, module, optimizer, engine)
+        if rank == 0 and kind == "zero3":
+            write_sharded_state(tmp, module, scheduler, step, world, zero_ckpt.LAYOUT, class_name(optimizer.optimizer),
+                                zero_ckpt.persistent_buffers(module))
+        elif rank == 0 and sharded:
+            write_sharded_state(tmp, module, scheduler, step, world, sharded_ckpt.LAYOUT, class_name(optimizer))
         elif rank == 0:
             save_model(module, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
             _fsync(os.path.join(tmp, WEIGHTS))
@@ -476,9 +510,11 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     ``save_checkpoint``).
     """
     from memo.integrations import checkpoint_checks as checks
-    module = _plain_module(model)
-    if is_fsdp2(module):
+    module, kind, engine = _target(model, optimizer)
+    if kind == "fsdp2":
         return _load_sharded(path, module, optimizer, scheduler)
+    if kind == "zero3":
+        return _load_zero3(path, module, optimizer, scheduler, engine)
     rank, world = _rank_world()
     error, loaded = None, None
     try:
@@ -518,6 +554,26 @@ def _load_sharded(path: str, model: torch.nn.Module, optimizer, scheduler) -> di
     _agree(error, f"reading the shards of the checkpoint in {directory}", "nothing was loaded",
            on_failure=forget_zero_state)
     sharded_ckpt.apply(model, optimizer, model_sd, optim_sd)
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded.scheduler)
+    set_rng_state(loaded.rng)   # last: nothing after it may draw random numbers
+    return {"step": loaded.step, "data_state": loaded.data_state}
+
+
+def _load_zero3(path: str, module: torch.nn.Module, optimizer, scheduler, engine) -> dict:
+    """NOTE [ ZeRO-3 checkpoints ] rule 4: every file checked on every rank, agree, then apply."""
+    from memo.integrations import checkpoint_checks as checks
+    rank, world = _rank_world()
+    error = loaded = partition = buffers = None
+    try:
+        directory = latest_checkpoint(path)
+        loaded = checks.read_and_check_zero3(directory, optimizer, scheduler, rank, world)
+        partition = zero_ckpt.read_and_check(directory, module, optimizer, engine, rank)
+        buffers = zero_ckpt.check_buffers(module, loaded.weights, os.path.join(directory, STATE))
+    except MemoError as e:
+        error = e
+    _agree(error, f"checking the checkpoint in {path}", "nothing was loaded")
+    zero_ckpt.apply(partition, buffers, module, optimizer, engine)
     if scheduler is not None:
         scheduler.load_state_dict(loaded.scheduler)
     set_rng_state(loaded.rng)   # last: nothing after it may draw random numbers

@@ -275,22 +275,34 @@ def check_rng(rng: Any, file: str) -> None:
         raise _fail(file, "rng/cuda", "is not a list of CUDA generator states (uint8 tensors)", fix)
 
 
-def _layout(state: dict, file: str, sharded_model: bool) -> None:
-    """A sharded checkpoint (NOTE [ Sharded checkpoints ]) loads into an FSDP2 model only, a plain one
-    into a plain model only."""
+_LAYOUTS = {None: "plain", "dcp": "fsdp2", "zero3": "zero3"}
+_LAYOUT_FIX = {
+    "plain": "load it into the model before sharding it (fully_shard or deepspeed.initialize, the optimizer made "
+             "after), then save again to get a sharded checkpoint",
+    "fsdp2": "shard the model with memo.integrations.fsdp.fully_shard on {w} ranks and make the optimizer before "
+             "loading, or load the weights of memo.integrations.checkpoint.export_pretrained",
+    "zero3": "build the engine with memo.integrations.deepspeed.initialize under ZeRO stage 3 on {w} ranks and pass "
+             "it and engine.optimizer, or load the weights of memo.integrations.checkpoint.export_pretrained",
+}
+_LAYOUT_WHAT = {"plain": "holds whole weights (a checkpoint of an unsharded model)",
+                "fsdp2": "is a sharded checkpoint (FSDP2, written by {w} ranks; field optimizer_layout 'dcp')",
+                "zero3": "is a sharded checkpoint (DeepSpeed ZeRO-3, written by {w} ranks; field optimizer_layout "
+                         "'zero3')"}
+_MODEL_WHAT = {"plain": "not sharded", "fsdp2": "sharded by FSDP2", "zero3": "partitioned by DeepSpeed ZeRO-3"}
+
+
+def _layout(state: dict, file: str, kind: str) -> None:
+    """A checkpoint loads into a model of the kind that wrote it: plain, FSDP2 (NOTE [ Sharded checkpoints ])
+    or ZeRO-3 (NOTE [ ZeRO-3 checkpoints ])."""
     layout = state.get("optimizer_layout")
-    if layout not in (None, "dcp"):
-        raise _fail(file, "optimizer_layout", f"is {layout!r}, not 'dcp' or absent", "the file was edited or is "
-                    "not memo's; resume from another checkpoint")
-    if layout == "dcp" and not sharded_model:
-        raise MemoError(f"{_WHO}: {file} is a sharded checkpoint (FSDP2, written by {state['world_size']} ranks; "
-                        f"field optimizer_layout 'dcp') and the model is not sharded: shard it with "
-                        f"memo.integrations.fsdp.fully_shard on {state['world_size']} ranks and make the optimizer "
-                        f"before loading, or load the weights of memo.integrations.checkpoint.export_pretrained")
-    if layout is None and sharded_model:
-        raise MemoError(f"{_WHO}: {file} holds whole weights (a checkpoint of an unsharded model) and the model is "
-                        f"sharded by FSDP2: load it into the model before fully_shard (and make the optimizer "
-                        f"after), then save again to get a sharded checkpoint")
+    if layout not in _LAYOUTS:
+        raise _fail(file, "optimizer_layout", f"is {layout!r}, not 'dcp', 'zero3' or absent", "the file was edited "
+                    "or is not memo's; resume from another checkpoint")
+    saved = _LAYOUTS[layout]
+    if saved != kind:
+        w = state["world_size"]
+        raise MemoError(f"{_WHO}: {file} {_LAYOUT_WHAT[saved].format(w=w)} and the model is "
+                        f"{_MODEL_WHAT[kind]}: {_LAYOUT_FIX[saved].format(w=w)}")
 
 
 def _check_rank_file(directory: str, rank: int) -> dict:
@@ -318,7 +330,7 @@ def read_and_check(directory: str, module, optimizer, scheduler, rank: int, worl
     state_file = os.path.join(directory, STATE)
     state = _read(state_file)
     step = check_header(state, state_file, world)
-    _layout(state, state_file, sharded_model=False)
+    _layout(state, state_file, "plain")
     weights = check_weights(module, read_tensors(os.path.join(directory, WEIGHTS)), os.path.join(directory, WEIGHTS))
     check_optimizer(optimizer, state["optimizer"], state.get("optimizer_class"), state_file)
     _check_scheduler_or_warn(scheduler, state, state_file, directory)
@@ -327,22 +339,27 @@ def read_and_check(directory: str, module, optimizer, scheduler, rank: int, worl
                   rng=mine["rng"], data_state=mine["data_state"])
 
 
-def read_and_check_sharded(directory: str, optimizer, scheduler, rank: int, world: int) -> Loaded:
-    """The files of a sharded checkpoint other than its DCP shards (NOTE [ Sharded checkpoints ] rule 3):
-    the header (the same world size), the optimizer's class, the scheduler, this rank's RNG and data."""
+def read_and_check_sharded(directory: str, optimizer, scheduler, rank: int, world: int, kind: str = "fsdp2") -> Loaded:
+    """The files of a sharded checkpoint other than its shards (NOTE [ Sharded checkpoints ] rule 3, NOTE
+    [ ZeRO-3 checkpoints ] rule 4): the header (the same world size), the optimizer's class, the
+    scheduler, this rank's RNG and data; for ZeRO-3 ``weights`` holds the saved persistent buffers."""
     state_file = os.path.join(directory, STATE)
     state = _read(state_file)
     step = check_header(state, state_file, world)
-    _layout(state, state_file, sharded_model=True)
-    inner = _inner_optimizer(optimizer)
+    _layout(state, state_file, kind)
+    inner = _inner_optimizer(optimizer) if kind == "fsdp2" else optimizer.optimizer
     saved_class = state.get("optimizer_class")
     if saved_class not in (class_name(optimizer), class_name(inner)):
         raise _fail(state_file, "optimizer_class", f"is {saved_class!r}, this optimizer a {class_name(inner)}",
                     "build the optimizer of the saved run, or resume from another checkpoint")
     _check_scheduler_or_warn(scheduler, state, state_file, directory)
     mine = _check_rank_file(directory, rank)
-    return Loaded(step=step, weights={}, optimizer={}, scheduler=state["scheduler"], rng=mine["rng"],
-                  data_state=mine["data_state"])
+    return Loaded(step=step, weights=state.get("buffers"), optimizer={}, scheduler=state["scheduler"],
+                  rng=mine["rng"], data_state=mine["data_state"])
+
+
+def read_and_check_zero3(directory: str, optimizer, scheduler, rank: int, world: int) -> Loaded:
+    return read_and_check_sharded(directory, optimizer, scheduler, rank, world, kind="zero3")
 
 
 def apply(loaded: Loaded, module, optimizer, scheduler) -> None:

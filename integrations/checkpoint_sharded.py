@@ -61,21 +61,6 @@ def _state_dicts(model, optimizer) -> tuple[dict, dict]:
     return get_state_dict(model, optimizer)
 
 
-def write_state(tmp: str, model, optimizer, scheduler, step: int, world: int) -> None:
-    """Rank 0's ``state.json`` and ``config.json`` of a sharded checkpoint (NOTE [ Sharded checkpoints ] rule 1)."""
-    from memo.integrations.checkpoint import FORMAT, STATE, VERSION, _Encoder, _fsync, _write, class_name
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(tmp)
-        _fsync(os.path.join(tmp, "config.json"))
-    enc = _Encoder()
-    state = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world, "optimizer_layout": LAYOUT,
-             "optimizer_class": class_name(optimizer), "optimizer": None,
-             "scheduler_class": None if scheduler is None else class_name(scheduler),
-             "scheduler": None if scheduler is None else enc(scheduler.state_dict(), "scheduler")}
-    _write(os.path.join(tmp, STATE), state, enc.tensors)
-
-
 def state_to_save(model, optimizer) -> dict:
     """Phase (a) of NOTE [ Sharded checkpoints ] rule 2: this rank's shards, as DCP saves them (no
     collective, so a rank that fails here fails before any rank enters ``dcp.save``)."""
@@ -211,34 +196,82 @@ def apply(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
 
 
 def export_pretrained(model, directory: str) -> str:
-    """Write the whole weights of an FSDP2-sharded HF ``model`` as a plain ``save_pretrained`` directory.
+    """Write the whole weights of a sharded HF ``model`` as a plain ``save_pretrained`` directory.
 
-    Gathers the full state dict (``StateDictOptions(full_state_dict=True, cpu_offload=True)``: the
-    whole weights on rank 0's CPU, nothing on the others) and has rank 0 write ``directory`` with the
+    ``model``: sharded by FSDP2 (``memo.integrations.fsdp.fully_shard``) or partitioned by DeepSpeed
+    ZeRO-3 (the engine or its module). FSDP2: the full state dict is gathered onto rank 0's CPU
+    (``StateDictOptions(full_state_dict=True, cpu_offload=True)``); ZeRO-3: one module's parameters
+    at a time (``deepspeed.zero.GatheredParameters``), rank 0 keeping a CPU copy. Rank 0 writes the
     model's own ``save_pretrained`` (``model.safetensors`` + ``config.json``), which
-    ``AutoModelForCausalLM.from_pretrained(directory)`` loads without memo or FSDP. A collective:
-    call it on every rank. Returns ``directory``.
+    ``AutoModelForCausalLM.from_pretrained(directory)`` loads without memo, FSDP or DeepSpeed.
+    Atomic (NOTE [ Atomic export ]): killed at any moment, ``directory`` holds the previous export
+    whole or the new one. A collective: call it on every rank. Returns ``directory``.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     from memo.integrations.checkpoint import _agree, _rank_world
-    if not isinstance(model, torch.nn.Module) or not is_fsdp2(model):
-        raise MemoError(f"{_WHO}.export_pretrained: the model is not sharded by FSDP2 (got "
-                        f"{type(model).__name__}); for an unsharded HF model call model.save_pretrained(directory) "
-                        f"on rank 0")
+    from memo.integrations.checkpoint_zero import gathered_state_dict, is_zero3
+    if type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    if not isinstance(model, torch.nn.Module) or not (is_fsdp2(model) or is_zero3(model)):
+        raise MemoError(f"{_WHO}.export_pretrained: the model is not sharded by FSDP2 or partitioned by DeepSpeed "
+                        f"ZeRO-3 (got {type(model).__name__}); for an unsharded HF model call "
+                        f"model.save_pretrained(directory) on rank 0")
     if not callable(getattr(model, "save_pretrained", None)):
         raise MemoError(f"{_WHO}.export_pretrained: {type(model).__name__} has no save_pretrained (not a Hugging "
                         f"Face model); gather its weights with torch.distributed.checkpoint.state_dict."
-                        f"get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) instead")
+                        f"get_model_state_dict (FSDP2) or deepspeed.zero.GatheredParameters (ZeRO-3) instead")
     if not isinstance(directory, (str, os.PathLike)):
         raise MemoError(f"{_WHO}.export_pretrained: directory={directory!r} must be a path")
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    directory = os.path.abspath(os.fspath(directory))
+    if is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = gathered_state_dict(model)
     rank, _ = _rank_world()
     error = None
     if rank == 0:
         try:
-            model.save_pretrained(os.fspath(directory), state_dict=full, safe_serialization=True)
+            _export_atomically(model, full, directory)
         except Exception as e:   # any failure must reach the agreement below, or the other ranks would wait
             error = e
-    _agree(error, f"exporting the weights to {directory}", f"{directory} may hold a partial export")
-    return os.fspath(directory)
+    _agree(error, f"exporting the weights to {directory}", f"{directory} is as it was before the export")
+    return directory
+
+
+# NOTE [ Atomic export ]
+#
+# 1. Rank 0 first finishes what an interrupted export left: ``D.old-export`` without ``D`` is a previous
+#    export whose replacement was cut between the two renames of rule 3; it becomes ``D`` again.
+#    ``D.tmp-export`` is removed.
+# 2. The model's ``save_pretrained`` writes ``D.tmp-export``; every file in it and the directory are fsynced.
+# 3. With no ``D``: ``D.tmp-export`` is renamed to ``D``. Otherwise ``D`` is renamed to ``D.old-export``,
+#    ``D.tmp-export`` to ``D``, the parent fsynced, and only then ``D.old-export`` removed. Killed at any
+#    moment, the previous export is ``D`` or ``D.old-export`` (rule 1 brings it back), whole, or the new
+#    one is ``D``, whole. An empty ``D`` is removed first; a ``D`` that is a file, or a directory
+#    without ``config.json`` (not an export), is refused: the export never replaces what it did not write.
+def _export_atomically(model, full: dict, directory: str) -> None:
+    import shutil
+
+    from memo.integrations.checkpoint import _fsync
+    tmp, old, parent = directory + ".tmp-export", directory + ".old-export", os.path.dirname(directory)
+    if os.path.isdir(old) and not os.path.exists(directory):   # rule 1
+        os.rename(old, directory)
+    if os.path.isdir(directory) and not os.listdir(directory):
+        os.rmdir(directory)
+    if os.path.exists(directory) and not (os.path.isdir(directory)
+                                          and os.path.isfile(os.path.join(directory, "config.json"))):
+        raise MemoError(f"{_WHO}.export_pretrained: {directory} exists and is not a model directory (no config.json); "
+                        f"export into a new or empty path, or into a previous export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    os.makedirs(parent, exist_ok=True)
+    model.save_pretrained(tmp, state_dict=full, safe_serialization=True)   # rule 2
+    for name in os.listdir(tmp):
+        if os.path.isfile(os.path.join(tmp, name)):
+            _fsync(os.path.join(tmp, name))
+    _fsync(tmp)
+    if os.path.exists(directory):   # rule 3
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    _fsync(parent)
+    shutil.rmtree(old, ignore_errors=True)

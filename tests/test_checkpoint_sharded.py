@@ -107,6 +107,65 @@ def test_export_refuses_a_model_fsdp2_does_not_shard():
     from memo import MemoError
     from memo.integrations.checkpoint import export_pretrained
     from models import build
-    with pytest.raises(MemoError, match=r"not sharded by FSDP2 \(got LlamaForCausalLM\); for an unsharded HF model "
+    with pytest.raises(MemoError, match=r"not sharded by FSDP2 or partitioned by DeepSpeed ZeRO-3 \(got "
+                                        r"LlamaForCausalLM\); for an unsharded HF model "
                                         r"call model.save_pretrained\(directory\) on rank 0"):
         export_pretrained(build("llama"), "/nonexistent/export")
+
+
+# NOTE [ Atomic export ], on rank 0's part (``_export_atomically``), with a plain model's state dict.
+_EXPORT_CHILD = """
+import os, resource, signal, sys
+sys.path.insert(0, {tests!r})
+from memo.integrations.checkpoint_sharded import _export_atomically
+from models import build
+model = build("llama", seed=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+_export_atomically(model, model.state_dict(), {directory!r})
+"""
+
+
+def _weights(directory):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def test_an_export_replaces_the_previous_one_whole_or_not_at_all(tmp_path):
+    import subprocess
+    import sys
+
+    from memo import MemoError
+    from memo.integrations.checkpoint_sharded import _export_atomically
+    from models import build
+    directory = str(tmp_path / "export")
+    first, second = build("llama", seed=0), build("llama", seed=1)
+    _export_atomically(first, first.state_dict(), directory)
+    old = _weights(directory)
+
+    def export_stopped_by_a_file_size_limit():   # in a child process
+        child = subprocess.run([sys.executable, "-c", _EXPORT_CHILD.format(tests=os.path.dirname(__file__),
+                                                                             directory=directory)],
+                               capture_output=True, text=True, timeout=120)
+        assert child.returncode != 0 and "File too large" in child.stderr, child.stderr[-2000:]
+
+    # Stopped half-way: the previous export is there, whole.
+    export_stopped_by_a_file_size_limit()
+    assert all(torch.equal(old[k], v) for k, v in _weights(directory).items())
+    # An export cut between its two renames (the old one moved aside, the new one not yet in place), then
+    # an export that fails: the old one was put back first, whole.
+    os.rename(directory, directory + ".old-export")
+    export_stopped_by_a_file_size_limit()
+    assert all(torch.equal(old[k], v) for k, v in _weights(directory).items())
+    # And a complete export replaces it; nothing is left beside the directory.
+    _export_atomically(second, second.state_dict(), directory)
+    new = _weights(directory)
+    assert all(torch.equal(new[k], v) for k, v in second.state_dict().items() if k in new)
+    assert not torch.equal(new["lm_head.weight"], old["lm_head.weight"])
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    # A path that is not an export is never replaced.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    with pytest.raises(MemoError, match="exists and is not a model directory"):
+        _export_atomically(second, second.state_dict(), str(tmp_path / "notes"))
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
