@@ -9,10 +9,12 @@ A run resumed this way continues with bit-identical losses in fp32 on CPU (same 
 thread count): the weights, the optimizer's and scheduler's states, every RNG a training loop
 draws from and the caller's data position come back exactly. Works on a memo-wrapped model (memo
 adds no parameters or buffers, so the weights have the plain model's keys), under DDP, under
-memo's sequence parallelism and under FSDP2 (``memo.integrations.fsdp.fully_shard``: each rank
+memo's sequence parallelism, under FSDP2 (``memo.integrations.fsdp.fully_shard``: each rank
 saves its shards through torch.distributed.checkpoint, NOTE [ Sharded checkpoints ] in
-checkpoint_sharded.py; ``export_pretrained(model, directory)`` writes its whole weights as a plain
-HF model); call both functions on every rank. Saving again to the same ``path``
+checkpoint_sharded.py) and under DeepSpeed ZeRO-3 (pass the engine and ``engine.optimizer``: each
+rank saves its partitions, NOTE [ ZeRO-3 checkpoints ] in checkpoint_zero.py);
+``export_pretrained(model, directory)`` writes a sharded model's whole weights as a plain HF model.
+Call both functions on every rank. Saving again to the same ``path``
 is safe at any moment: a save killed half-way, or stopped by a full disk, leaves the previous
 checkpoint loadable (NOTE [ Atomic checkpoint commit ]); a load checks every file before it
 changes anything (NOTE [ Checked loads ] in checkpoint_checks.py).
@@ -29,9 +31,10 @@ changes anything (NOTE [ Checked loads ] in checkpoint_checks.py).
 # 3. ``state.json`` + ``state.safetensors``, written by rank 0: step, world size, the optimizer's
 #    and the scheduler's class and ``state_dict``. Under data and sequence parallelism (DDP,
 #    memo.parallel) every rank holds the same weights and, after the gradient all-reduce, the same
-#    optimizer and scheduler state, so one copy serves all. FSDP2 shards them instead: its step
-#    directory holds DCP shards (NOTE [ Sharded checkpoints ] in checkpoint_sharded.py); DeepSpeed
-#    ZeRO and FSDP1: refused.
+#    optimizer and scheduler state, so one copy serves all. FSDP2 and ZeRO-3 shard them instead:
+#    their step directories hold DCP shards (NOTE [ Sharded checkpoints ] in checkpoint_sharded.py)
+#    or every rank's partitions (NOTE [ ZeRO-3 checkpoints ] in checkpoint_zero.py); DeepSpeed ZeRO
+#    stages 1-2 and FSDP1: refused.
 # 4. ``rank{r}.json`` + ``rank{r}.safetensors``, written by every rank: its RNG states (torch CPU,
 #    CUDA when available, python ``random``, numpy) and its ``data_state``. These differ per rank:
 #    each process draws its own dropout masks, noise and samples (under sequence parallelism each
