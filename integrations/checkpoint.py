@@ -11,8 +11,8 @@ draws from and the caller's data position come back exactly. Works on a memo-wra
 adds no parameters or buffers, so the weights have the plain model's keys), under DDP, under
 memo's sequence parallelism, under FSDP2 (``memo.integrations.fsdp.fully_shard``: each rank
 saves its shards through torch.distributed.checkpoint, NOTE [ Sharded checkpoints ] in
-checkpoint_sharded.py) and under DeepSpeed ZeRO-3 (pass the engine and ``engine.optimizer``: each
-rank saves its partitions, NOTE [ ZeRO-3 checkpoints ] in checkpoint_zero.py);
+checkpoint_sharded.py) and under DeepSpeed ZeRO stages 1-3 (pass the engine and ``engine.optimizer``:
+each rank saves its partitions, NOTE [ ZeRO checkpoints ] in checkpoint_zero.py);
 ``export_pretrained(model, directory)`` writes a sharded model's whole weights as a plain HF model.
 Call both functions on every rank. Saving again to the same ``path``
 is safe at any moment: a save killed half-way, or stopped by a full disk, leaves the previous
@@ -31,10 +31,10 @@ changes anything (NOTE [ Checked loads ] in checkpoint_checks.py).
 # 3. ``state.json`` + ``state.safetensors``, written by rank 0: step, world size, the optimizer's
 #    and the scheduler's class and ``state_dict``. Under data and sequence parallelism (DDP,
 #    memo.parallel) every rank holds the same weights and, after the gradient all-reduce, the same
-#    optimizer and scheduler state, so one copy serves all. FSDP2 and ZeRO-3 shard them instead:
-#    their step directories hold DCP shards (NOTE [ Sharded checkpoints ] in checkpoint_sharded.py)
-#    or every rank's partitions (NOTE [ ZeRO-3 checkpoints ] in checkpoint_zero.py); DeepSpeed ZeRO
-#    stages 1-2 and FSDP1: refused.
+#    optimizer and scheduler state, so one copy serves all. FSDP2 and DeepSpeed ZeRO shard them
+#    instead: their step directories hold DCP shards (NOTE [ Sharded checkpoints ] in
+#    checkpoint_sharded.py) or every rank's partitions (NOTE [ ZeRO checkpoints ] in
+#    checkpoint_zero.py); FSDP1: refused.
 # 4. ``rank{r}.json`` + ``rank{r}.safetensors``, written by every rank: its RNG states (torch CPU,
 #    CUDA when available, python ``random``, numpy) and its ``data_state``. These differ per rank:
 #    each process draws its own dropout masks, noise and samples (under sequence parallelism each
@@ -194,10 +194,29 @@ def _write(path: str, structure: dict, tensors: dict) -> None:
     _write_json(path, structure)
 
 
+def _write_weights(tmp: str, module, views: bool = False) -> None:
+    """``model.safetensors``: the whole weights under the plain model's keys (tied weights stored once).
+    ``views``: the parameters are views into one flat buffer (DeepSpeed ZeRO stages 1-2), which
+    safetensors' ``save_model`` refuses; each tensor is then copied, a tied one once."""
+    from safetensors.torch import save_file, save_model
+    path = os.path.join(tmp, WEIGHTS)
+    if not views:
+        save_model(module, path, metadata={"format": "pt"})
+    else:
+        tensors, seen = {}, set()
+        for k, t in module.state_dict().items():
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if ident not in seen:   # a tied key: checkpoint_checks.check_weights fills it from the first
+                seen.add(ident)
+                tensors[k] = t.detach().cpu().clone().contiguous()
+        save_file(tensors, path, metadata={"format": "pt"})
+    _fsync(path)
+
+
 def write_sharded_state(tmp: str, module, scheduler, step: int, world: int, layout: str, optimizer_class: str,
-                        buffers: dict | None = None) -> None:
+                        buffers: dict | None = None, zero_stage: int | None = None) -> None:
     """Rank 0's ``state.json`` (+ ``.safetensors``) and ``config.json`` of a sharded checkpoint: its layout
-    (``"dcp"``, ``"zero3"``), the optimizer's class, the scheduler; the optimizer state lives in the shards."""
+    (``"dcp"``, ``"zero"``), the optimizer's class, the scheduler; the optimizer state lives in the shards."""
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(tmp)
@@ -209,6 +228,8 @@ def write_sharded_state(tmp: str, module, scheduler, step: int, world: int, layo
              "scheduler": None if scheduler is None else enc(scheduler.state_dict(), "scheduler")}
     if buffers is not None:
         state["buffers"] = enc(buffers, "buffers")
+    if zero_stage is not None:
+        state["zero_stage"] = zero_stage
     _write(os.path.join(tmp, STATE), state, enc.tensors)
 
 
@@ -311,32 +332,43 @@ def _agree(error: BaseException | None, what: str, unchanged: str = "the previou
                     f"{unchanged[1:]}; free disk space (or raise the file-size limit) and save again") from error
 
 
+def deepspeed_engine(model) -> Any:
+    """``model`` when it is a DeepSpeed engine (any subclass: pipeline, hybrid), else None."""
+    import sys
+    deepspeed = sys.modules.get("deepspeed")   # no engine exists unless DeepSpeed was imported
+    engine_class = getattr(getattr(deepspeed, "runtime", None), "engine", None)
+    engine_class = getattr(engine_class, "DeepSpeedEngine", None)
+    return model if engine_class is not None and isinstance(model, engine_class) else None
+
+
 def _target(model: torch.nn.Module, optimizer) -> tuple[torch.nn.Module, str, Any]:
     """``(module, kind, engine)``: the module whose weights are saved (DDP's inner module, a DeepSpeed
     engine's module, an FSDP2 model itself), how its state is laid out ("plain"; "fsdp2": DCP shards,
-    NOTE [ Sharded checkpoints ]; "zero3": per-rank partitions, NOTE [ ZeRO-3 checkpoints ]) and the
-    DeepSpeed engine when one was passed. ZeRO stages 1 and 2 and FSDP1 are refused (layout rule 3)."""
+    NOTE [ Sharded checkpoints ]; "zero": every rank's ZeRO partitions, NOTE [ ZeRO checkpoints ]) and
+    the DeepSpeed engine when one was passed. FSDP1 and DeepSpeed's other optimizers are refused."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
     if not isinstance(model, torch.nn.Module):
         raise MemoError(f"{_WHO}: model must be a torch.nn.Module, got {type(model).__name__}")
-    engine = None
-    if type(model).__name__ == "DeepSpeedEngine":
-        engine, model = model, model.module
+    engine = deepspeed_engine(model)
+    if engine is not None:
+        model = model.module
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     if is_fsdp2(model):
         return model, "fsdp2", None
-    if zero_ckpt.is_zero3(model):
-        zero_ckpt.zero_optimizer(optimizer, engine)
-        return model, "zero3", engine
+    partitioned = zero_ckpt.is_zero3(model)
+    if partitioned or zero_ckpt.stage_of(optimizer) is not None:
+        zero_ckpt.zero_optimizer(optimizer, engine, partitioned)
+        return model, "zero", engine
     kind = type(model).__name__
-    if engine is not None or kind == "FullyShardedDataParallel" or any(
-            type(p).__name__ == "DTensor" for p in model.parameters()):
-        what = "a DeepSpeed engine below ZeRO stage 3" if engine is not None else f"{kind} (FSDP1 or a DTensor model)"
-        raise MemoError(f"{_WHO}: the model is {what}; memo's checkpoints save plain and DDP models, FSDP2 "
-                        f"(memo.integrations.fsdp.fully_shard) and DeepSpeed ZeRO-3 (their optimizer state is "
-                        f"sharded in a layout memo reads). Use ZeRO stage 3 or FSDP2, or that framework's own "
-                        f"checkpointing (engine.save_checkpoint)")
+    if kind == "FullyShardedDataParallel" or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise MemoError(f"{_WHO}: the model is {kind} (FSDP1 or a DTensor model); memo's checkpoints save plain "
+                        f"and DDP models, FSDP2 (memo.integrations.fsdp.fully_shard) and DeepSpeed ZeRO engines. "
+                        f"Shard with FSDP2, or use that framework's own checkpointing")
+    if engine is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise MemoError(f"{_WHO}: the DeepSpeed engine's optimizer is {type(optimizer).__name__} (ZeRO stage 0 with "
+                        f"a mixed-precision wrapper), whose state memo's checkpoints do not read; use a ZeRO stage "
+                        f"1-3 config (memo.integrations.deepspeed.memo_zero_config), or engine.save_checkpoint")
     return model, "plain", None
 
 
@@ -423,8 +455,6 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     Returns the new checkpoint's directory. See NOTE [ Checkpoint layout ] and NOTE [ Atomic
     checkpoint commit ].
     """
-    from safetensors.torch import save_model
-
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise MemoError(f"{_WHO}: step={step!r} must be an int >= 0 (the number of optimizer steps taken)")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -457,16 +487,18 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
         enc = _Encoder()
         mine = {"rank": rank, "rng": enc(rng_state(), "rng"), "data_state": enc(data_state, "data_state")}
         _write(_rank_file(tmp, rank), mine, enc.tensors)
-        if kind == "zero3":   # NOTE [ ZeRO-3 checkpoints ] rules 2 and 3
+        if kind == "zero":   # NOTE [ ZeRO checkpoints ] rules 2 and 3
             zero_ckpt.write_partition(tmp, rank, module, optimizer, engine)
-        if rank == 0 and kind == "zero3":
+        if rank == 0 and kind == "zero":
+            stage = zero_ckpt.stage_of(optimizer)
+            if stage < 3:
+                _write_weights(tmp, module, views=True)
             write_sharded_state(tmp, module, scheduler, step, world, zero_ckpt.LAYOUT, class_name(optimizer.optimizer),
-                                zero_ckpt.persistent_buffers(module))
+                                zero_ckpt.persistent_buffers(module) if stage == 3 else None, zero_stage=stage)
         elif rank == 0 and sharded:
             write_sharded_state(tmp, module, scheduler, step, world, sharded_ckpt.LAYOUT, class_name(optimizer))
         elif rank == 0:
-            save_model(module, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-            _fsync(os.path.join(tmp, WEIGHTS))
+            _write_weights(tmp, module)
             config = getattr(module, "config", None)
             if config is not None and hasattr(config, "save_pretrained"):
                 config.save_pretrained(tmp)
@@ -516,8 +548,8 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer, scheduler=N
     module, kind, engine = _target(model, optimizer)
     if kind == "fsdp2":
         return _load_sharded(path, module, optimizer, scheduler)
-    if kind == "zero3":
-        return _load_zero3(path, module, optimizer, scheduler, engine)
+    if kind == "zero":
+        return _load_zero(path, module, optimizer, scheduler, engine)
     rank, world = _rank_world()
     error, loaded = None, None
     try:
@@ -563,20 +595,24 @@ def _load_sharded(path: str, model: torch.nn.Module, optimizer, scheduler) -> di
     return {"step": loaded.step, "data_state": loaded.data_state}
 
 
-def _load_zero3(path: str, module: torch.nn.Module, optimizer, scheduler, engine) -> dict:
-    """NOTE [ ZeRO-3 checkpoints ] rule 4: every file checked on every rank, agree, then apply."""
+def _load_zero(path: str, module: torch.nn.Module, optimizer, scheduler, engine) -> dict:
+    """NOTE [ ZeRO checkpoints ] rule 4: every file checked on every rank, agree, then apply."""
     from memo.integrations import checkpoint_checks as checks
     rank, world = _rank_world()
-    error = loaded = partition = buffers = None
+    error = loaded = partition = weights = buffers = None
     try:
         directory = latest_checkpoint(path)
-        loaded = checks.read_and_check_zero3(directory, optimizer, scheduler, rank, world)
+        loaded = checks.read_and_check_zero(directory, optimizer, scheduler, rank, world)
         partition = zero_ckpt.read_and_check(directory, module, optimizer, engine, rank)
-        buffers = zero_ckpt.check_buffers(module, loaded.weights, os.path.join(directory, STATE))
+        if zero_ckpt.stage_of(optimizer) < 3:
+            file = os.path.join(directory, WEIGHTS)
+            weights = checks.check_weights(module, read_tensors(file), file)
+        else:
+            buffers = zero_ckpt.check_buffers(module, loaded.weights, os.path.join(directory, STATE))
     except MemoError as e:
         error = e
     _agree(error, f"checking the checkpoint in {path}", "nothing was loaded")
-    zero_ckpt.apply(partition, buffers, module, optimizer, engine)
+    zero_ckpt.apply(partition, weights, buffers, module, optimizer, engine, agree=_agree)
     if scheduler is not None:
         scheduler.load_state_dict(loaded.scheduler)
     set_rng_state(loaded.rng)   # last: nothing after it may draw random numbers

@@ -275,34 +275,34 @@ def check_rng(rng: Any, file: str) -> None:
         raise _fail(file, "rng/cuda", "is not a list of CUDA generator states (uint8 tensors)", fix)
 
 
-_LAYOUTS = {None: "plain", "dcp": "fsdp2", "zero3": "zero3"}
+_LAYOUTS = {None: "plain", "dcp": "fsdp2", "zero": "zero"}
 _LAYOUT_FIX = {
     "plain": "load it into the model before sharding it (fully_shard or deepspeed.initialize, the optimizer made "
              "after), then save again to get a sharded checkpoint",
     "fsdp2": "shard the model with memo.integrations.fsdp.fully_shard on {w} ranks and make the optimizer before "
              "loading, or load the weights of memo.integrations.checkpoint.export_pretrained",
-    "zero3": "build the engine with memo.integrations.deepspeed.initialize under ZeRO stage 3 on {w} ranks and pass "
-             "it and engine.optimizer, or load the weights of memo.integrations.checkpoint.export_pretrained",
+    "zero": "build the engine with memo.integrations.deepspeed.initialize under ZeRO stage {stage} on {w} ranks and "
+            "pass it and engine.optimizer",
 }
-_LAYOUT_WHAT = {"plain": "holds whole weights (a checkpoint of an unsharded model)",
+_LAYOUT_WHAT = {"plain": "holds whole weights and optimizer state (a checkpoint of an unsharded model)",
                 "fsdp2": "is a sharded checkpoint (FSDP2, written by {w} ranks; field optimizer_layout 'dcp')",
-                "zero3": "is a sharded checkpoint (DeepSpeed ZeRO-3, written by {w} ranks; field optimizer_layout "
-                         "'zero3')"}
-_MODEL_WHAT = {"plain": "not sharded", "fsdp2": "sharded by FSDP2", "zero3": "partitioned by DeepSpeed ZeRO-3"}
+                "zero": "is a sharded checkpoint (DeepSpeed ZeRO-{stage}, written by {w} ranks; field "
+                        "optimizer_layout 'zero')"}
+_MODEL_WHAT = {"plain": "not sharded", "fsdp2": "sharded by FSDP2", "zero": "trained by a DeepSpeed ZeRO optimizer"}
 
 
 def _layout(state: dict, file: str, kind: str) -> None:
     """A checkpoint loads into a model of the kind that wrote it: plain, FSDP2 (NOTE [ Sharded checkpoints ])
-    or ZeRO-3 (NOTE [ ZeRO-3 checkpoints ])."""
+    or DeepSpeed ZeRO (NOTE [ ZeRO checkpoints ])."""
     layout = state.get("optimizer_layout")
     if layout not in _LAYOUTS:
-        raise _fail(file, "optimizer_layout", f"is {layout!r}, not 'dcp', 'zero3' or absent", "the file was edited "
+        raise _fail(file, "optimizer_layout", f"is {layout!r}, not 'dcp', 'zero' or absent", "the file was edited "
                     "or is not memo's; resume from another checkpoint")
     saved = _LAYOUTS[layout]
     if saved != kind:
-        w = state["world_size"]
-        raise MemoError(f"{_WHO}: {file} {_LAYOUT_WHAT[saved].format(w=w)} and the model is "
-                        f"{_MODEL_WHAT[kind]}: {_LAYOUT_FIX[saved].format(w=w)}")
+        w, stage = state["world_size"], state.get("zero_stage")
+        raise MemoError(f"{_WHO}: {file} {_LAYOUT_WHAT[saved].format(w=w, stage=stage)} and the model is "
+                        f"{_MODEL_WHAT[kind]}: {_LAYOUT_FIX[saved].format(w=w, stage=stage)}")
 
 
 def _check_rank_file(directory: str, rank: int) -> dict:
@@ -341,8 +341,8 @@ def read_and_check(directory: str, module, optimizer, scheduler, rank: int, worl
 
 def read_and_check_sharded(directory: str, optimizer, scheduler, rank: int, world: int, kind: str = "fsdp2") -> Loaded:
     """The files of a sharded checkpoint other than its shards (NOTE [ Sharded checkpoints ] rule 3, NOTE
-    [ ZeRO-3 checkpoints ] rule 4): the header (the same world size), the optimizer's class, the
-    scheduler, this rank's RNG and data; for ZeRO-3 ``weights`` holds the saved persistent buffers."""
+    [ ZeRO checkpoints ] rule 4): the header (the same world size), the optimizer's class, the
+    scheduler, this rank's RNG and data; for ZeRO ``weights`` holds the saved persistent buffers (stage 3)."""
     state_file = os.path.join(directory, STATE)
     state = _read(state_file)
     step = check_header(state, state_file, world)
@@ -358,8 +358,8 @@ def read_and_check_sharded(directory: str, optimizer, scheduler, rank: int, worl
                   rng=mine["rng"], data_state=mine["data_state"])
 
 
-def read_and_check_zero3(directory: str, optimizer, scheduler, rank: int, world: int) -> Loaded:
-    return read_and_check_sharded(directory, optimizer, scheduler, rank, world, kind="zero3")
+def read_and_check_zero(directory: str, optimizer, scheduler, rank: int, world: int) -> Loaded:
+    return read_and_check_sharded(directory, optimizer, scheduler, rank, world, kind="zero")
 
 
 def apply(loaded: Loaded, module, optimizer, scheduler) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from typing import Any
 
 import torch
@@ -205,11 +206,12 @@ def export_pretrained(model, directory: str) -> str:
     model's own ``save_pretrained`` (``model.safetensors`` + ``config.json``), which
     ``AutoModelForCausalLM.from_pretrained(directory)`` loads without memo, FSDP or DeepSpeed.
     Atomic (NOTE [ Atomic export ]): killed at any moment, ``directory`` holds the previous export
-    whole or the new one. A collective: call it on every rank. Returns ``directory``.
+    whole or the new one; files the export does not write (a tokenizer's) are kept. A collective:
+    call it on every rank. Returns ``directory``.
     """
-    from memo.integrations.checkpoint import _agree, _rank_world
+    from memo.integrations.checkpoint import _agree, _rank_world, deepspeed_engine
     from memo.integrations.checkpoint_zero import gathered_state_dict, is_zero3
-    if type(model).__name__ == "DeepSpeedEngine":
+    if deepspeed_engine(model) is not None:
         model = model.module
     if not isinstance(model, torch.nn.Module) or not (is_fsdp2(model) or is_zero3(model)):
         raise MemoError(f"{_WHO}.export_pretrained: the model is not sharded by FSDP2 or partitioned by DeepSpeed "
@@ -222,18 +224,18 @@ def export_pretrained(model, directory: str) -> str:
     if not isinstance(directory, (str, os.PathLike)):
         raise MemoError(f"{_WHO}.export_pretrained: directory={directory!r} must be a path")
     directory = os.path.abspath(os.fspath(directory))
-    if is_fsdp2(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        full = gathered_state_dict(model)
     rank, _ = _rank_world()
     error = None
-    if rank == 0:
-        try:
+    try:
+        if is_fsdp2(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            full = gathered_state_dict(model)   # rank 0 failing to copy still enters every gather
+        if rank == 0:
             _export_atomically(model, full, directory)
-        except Exception as e:   # any failure must reach the agreement below, or the other ranks would wait
-            error = e
+    except Exception as e:   # any failure must reach the agreement below, or the other ranks would wait
+        error = e
     _agree(error, f"exporting the weights to {directory}", f"{directory} is as it was before the export")
     return directory
 
@@ -243,12 +245,16 @@ def export_pretrained(model, directory: str) -> str:
 # 1. Rank 0 first finishes what an interrupted export left: ``D.old-export`` without ``D`` is a previous
 #    export whose replacement was cut between the two renames of rule 3; it becomes ``D`` again.
 #    ``D.tmp-export`` is removed.
-# 2. The model's ``save_pretrained`` writes ``D.tmp-export``; every file in it and the directory are fsynced.
+# 2. The model's ``save_pretrained`` writes ``D.tmp-export``. What ``D`` holds besides a model's weights
+#    and the files ``save_pretrained`` wrote anew (a tokenizer, a README) is copied into it; every file
+#    in it and the directory are fsynced.
 # 3. With no ``D``: ``D.tmp-export`` is renamed to ``D``. Otherwise ``D`` is renamed to ``D.old-export``,
 #    ``D.tmp-export`` to ``D``, the parent fsynced, and only then ``D.old-export`` removed. Killed at any
 #    moment, the previous export is ``D`` or ``D.old-export`` (rule 1 brings it back), whole, or the new
-#    one is ``D``, whole. An empty ``D`` is removed first; a ``D`` that is a file, or a directory
-#    without ``config.json`` (not an export), is refused: the export never replaces what it did not write.
+#    one is ``D``, whole, with the other files. A ``D`` that is not a directory is refused.
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
 def _export_atomically(model, full: dict, directory: str) -> None:
     import shutil
 
@@ -256,16 +262,18 @@ def _export_atomically(model, full: dict, directory: str) -> None:
     tmp, old, parent = directory + ".tmp-export", directory + ".old-export", os.path.dirname(directory)
     if os.path.isdir(old) and not os.path.exists(directory):   # rule 1
         os.rename(old, directory)
-    if os.path.isdir(directory) and not os.listdir(directory):
-        os.rmdir(directory)
-    if os.path.exists(directory) and not (os.path.isdir(directory)
-                                          and os.path.isfile(os.path.join(directory, "config.json"))):
-        raise MemoError(f"{_WHO}.export_pretrained: {directory} exists and is not a model directory (no config.json); "
-                        f"export into a new or empty path, or into a previous export")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise MemoError(f"{_WHO}.export_pretrained: {directory} exists and is not a directory; export into a "
+                        f"directory (new, or a previous export)")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     os.makedirs(parent, exist_ok=True)
     model.save_pretrained(tmp, state_dict=full, safe_serialization=True)   # rule 2
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if not os.path.exists(os.path.join(tmp, name)) and not _WEIGHT_FILE.match(name):
+                src = os.path.join(directory, name)
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
     for name in os.listdir(tmp):
         if os.path.isfile(os.path.join(tmp, name)):
             _fsync(os.path.join(tmp, name))

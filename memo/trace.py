@@ -367,6 +367,22 @@ def _partial_shape(p: torch.Tensor) -> Optional[tuple]:
     return None
 
 
+def _fsdp_param_dtypes(layer: torch.nn.Module) -> dict[int, torch.dtype]:
+    """FSDP2's compute dtype of each sharded parameter of ``layer`` that its MixedPrecisionPolicy casts
+    (``param_dtype``), by the parameter's id; FSDP2 keeps the shard in the original dtype."""
+    out = {}
+    for m in layer.modules():
+        get_state = getattr(m, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if callable(get_state) else None
+        policy_dtype = getattr(getattr(group, "mp_policy", None), "param_dtype", None)
+        for fsdp_param in getattr(group, "fsdp_params", None) or ():
+            # FSDPParam.param_dtype is set at FSDP's lazy init (the first forward); the policy's before it.
+            dtype = getattr(fsdp_param, "param_dtype", None) or policy_dtype
+            if dtype is not None and fsdp_param.sharded_param.is_floating_point():
+                out[id(fsdp_param.sharded_param)] = dtype
+    return out
+
+
 @contextlib.contextmanager
 def _whole_parameters(layer: torch.nn.Module):
     """NOTE [ Tracing a layer whose weights are sharded ]
@@ -375,18 +391,19 @@ def _whole_parameters(layer: torch.nn.Module):
     layer whose input requires grad differently (the first, after a frozen embedding) is traced
     apart, so under ZeRO-3 or FSDP2 some traced layers hold only their shard of each weight (their
     weights are gathered only inside their own forward). The trace needs the whole shapes only, so
-    such parameters are replaced, for the trace, by fake whole tensors (same dtype, device and
+    such parameters are replaced, for the trace, by fake whole tensors (the dtype the layer computes
+    in: FSDP2's ``param_dtype`` under a MixedPrecisionPolicy, else the parameter's; same device and
     requires_grad); nothing is gathered and no memory is used. Must run under the trace's
     FakeTensorMode; the original parameters are put back on exit.
     """
-    swapped = []
+    swapped, compute_dtypes = [], _fsdp_param_dtypes(layer)
     try:
         for module in layer.modules():
             for name, p in list(module._parameters.items()):
                 shape = None if p is None else _partial_shape(p)
                 if shape is not None:
                     device = p.to_local().device if type(p).__name__ == "DTensor" else p.device
-                    whole = torch.empty(shape, dtype=p.dtype, device=device)
+                    whole = torch.empty(shape, dtype=compute_dtypes.get(id(p), p.dtype), device=device)
                     module._parameters[name] = torch.nn.Parameter(whole, requires_grad=p.requires_grad)
                     swapped.append((module, name, p))
         yield

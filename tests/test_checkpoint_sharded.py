@@ -163,9 +163,14 @@ def test_an_export_replaces_the_previous_one_whole_or_not_at_all(tmp_path):
     assert all(torch.equal(new[k], v) for k, v in second.state_dict().items() if k in new)
     assert not torch.equal(new["lm_head.weight"], old["lm_head.weight"])
     assert sorted(os.listdir(tmp_path)) == ["export"]
-    # A path that is not an export is never replaced.
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "mine.txt").write_text("keep")
-    with pytest.raises(MemoError, match="exists and is not a model directory"):
-        _export_atomically(second, second.state_dict(), str(tmp_path / "notes"))
-    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
+    # Files the export does not write (a tokenizer's) stay; stale weight shards of an earlier export go.
+    (tmp_path / "export" / "tokenizer.json").write_text("{}")
+    (tmp_path / "export" / "model-00001-of-00002.safetensors").write_text("stale")
+    _export_atomically(first, first.state_dict(), directory)
+    assert sorted(os.listdir(directory)) == ["config.json", "generation_config.json", "model.safetensors",
+                                             "tokenizer.json"]
+    # A path that is a file is refused and left as it is.
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(MemoError, match="exists and is not a directory"):
+        _export_atomically(second, second.state_dict(), str(tmp_path / "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "keep"

@@ -75,7 +75,7 @@ def test_runtime_and_planner_classify_every_saved_tensor_alike(family):
     assert [s["kind"] for s in profiled.saved] == expected
 
 
-@pytest.mark.parametrize("kind", ["zero3", "dtensor"])
+@pytest.mark.parametrize("kind", ["zero3", "dtensor", "fsdp2_bf16"])
 def test_a_layer_holding_only_its_shards_traces_as_the_whole_layer(kind):
     """NOTE [ Tracing a layer whose weights are sharded ]: memo traces layers other than the running one
     when it sizes the host pool; under ZeRO-3 (``param.data`` empty, ``ds_shape`` whole) or FSDP2 (a
@@ -85,8 +85,11 @@ def test_a_layer_holding_only_its_shards_traces_as_the_whole_layer(kind):
     model = SMALL["llama"]
     layer, x, shared = _layer(model)
     kwargs = {"attention_mask": None, "position_embeddings": shared}
-    whole = trace_layer(layer.forward, layer, LayerCall(x, (), kwargs)).saved
     sharded = copy.deepcopy(layer)
+    if kind == "fsdp2_bf16":   # FSDP2 keeps fp32 shards and computes in bf16: the trace is the bf16 layer's
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+        kwargs["position_embeddings"] = tuple(t.to(torch.bfloat16) for t in shared)
+    whole = trace_layer(layer.forward, layer, LayerCall(x, (), kwargs)).saved
     if kind == "zero3":   # the state ZeRO-3 leaves a parameter in outside its module's forward
         for i, p in enumerate(sharded.parameters()):
             p.ds_shape, p.ds_id, p.ds_tensor = p.shape, i, p.data.flatten()[: p.numel() // 2].clone()
@@ -99,15 +102,20 @@ def test_a_layer_holding_only_its_shards_traces_as_the_whole_layer(kind):
         assert not dist.is_initialized()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         mesh = init_device_mesh("cpu", (1,))
-        for m in sharded.modules():
-            for name, p in list(m._parameters.items()):
-                if p is not None:
-                    m._parameters[name] = torch.nn.Parameter(DTensor.from_local(p.data, mesh, [Replicate()]))
+        if kind == "fsdp2_bf16":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            fully_shard(sharded, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+            assert all(type(p).__name__ == "DTensor" and p.dtype == torch.float32 for p in sharded.parameters())
+        else:
+            for m in sharded.modules():
+                for name, p in list(m._parameters.items()):
+                    if p is not None:
+                        m._parameters[name] = torch.nn.Parameter(DTensor.from_local(p.data, mesh, [Replicate()]))
     before = {n: p for n, p in sharded.named_parameters()}
     try:
         got = trace_layer(sharded.forward, sharded, LayerCall(x, (), kwargs)).saved
     finally:
-        if kind == "dtensor":
+        if kind != "zero3":
             dist.destroy_process_group()
-    assert [(s.cls, s.shape) for s in got] == [(s.cls, s.shape) for s in whole]
+    assert [(s.cls, s.shape, s.dtype) for s in got] == [(s.cls, s.shape, s.dtype) for s in whole]
     assert all(p is before[n] for n, p in sharded.named_parameters())

@@ -1,7 +1,9 @@
-"""Sharded checkpoints under DeepSpeed ZeRO-3 (issue 18 item 3; NOTE [ ZeRO-3 checkpoints ] in
+"""Sharded checkpoints under DeepSpeed ZeRO (issue 18 item 3; NOTE [ ZeRO checkpoints ] in
 integrations/checkpoint_zero.py), on 4 gloo ranks: data parallel 2 x sequence parallel 2 inside one
-ZeRO-3 engine (memo.integrations.deepspeed.initialize), the memo-wrapped tiny Llama with its token
-embedding frozen, torch AdamW + LambdaLR, fp32 on CPU (tests/sp_workers/zero3_ckpt_cases.py).
+ZeRO engine (memo.integrations.deepspeed.initialize), the memo-wrapped tiny Llama with its token
+embedding and final norm frozen, torch AdamW + LambdaLR, fp32 on CPU (tests/sp_workers/zero_ckpt_cases.py).
+ZeRO-3 in full; ZeRO stage 1 (whole weights, partitioned optimizer state) and ZeRO-3 with weights and
+optimizer offloaded to the host (DeepSpeed's CPU offload) for the resume, stage 1 also for refusals.
 
 Two launches, so the resume runs in fresh processes and a fresh process group:
 
@@ -29,10 +31,10 @@ WORLD, SP = 4, 2
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("zero3")
+    base = tmp_path_factory.mktemp("zero")
     root, export = str(base / "root"), str(base / "export")
-    first = launch("zero3_ckpt_cases.py", WORLD, timeout=300, sp=SP, root=root, export=export, phase="first")
-    resume = launch("zero3_ckpt_cases.py", WORLD, timeout=300, sp=SP, root=root, export=export, phase="resume")
+    first = launch("zero_ckpt_cases.py", WORLD, timeout=300, sp=SP, root=root, export=export, phase="first")
+    resume = launch("zero_ckpt_cases.py", WORLD, timeout=300, sp=SP, root=root, export=export, phase="resume")
     return {"root": root, "export": export, "first": first, "resume": resume}
 
 
@@ -66,7 +68,8 @@ def test_the_step_directory_holds_every_ranks_partition_and_no_pickle(runs):
                               for ext in ("json", "safetensors")]), files
     with open(os.path.join(runs["first"][0]["saved_dir"], "state.json")) as f:
         state = json.load(f)
-    assert state["optimizer_layout"] == "zero3" and state["world_size"] == WORLD and state["optimizer"] is None
+    assert state["optimizer_layout"] == "zero" and state["zero_stage"] == 3 and state["world_size"] == WORLD
+    assert state["optimizer"] is None   # every rank's partition holds its optimizer state
 
 
 def test_a_save_failing_on_one_rank_or_killed_leaves_the_previous_checkpoint(runs):
@@ -108,3 +111,27 @@ def test_export_is_a_plain_pretrained_model(runs):
             assert torch.equal(p, params[n]), f"{directory}: {n}"
     # The second export into the same directory replaced the first atomically: nothing left beside it.
     assert runs["first"][0]["export_listing"] == ["export", "export-twice"]
+
+
+@pytest.mark.parametrize("variant", ["stage1", "offload"])
+def test_zero_stage_1_and_offloaded_zero_3_resume_bit_identically(runs, variant):
+    for rank, (a, b) in enumerate(zip(runs["first"], runs["resume"])):
+        a, b = a[variant], b[variant]
+        if variant == "stage1":   # whole weights (rank 0) beside every rank's partition of masters and state
+            assert "model.safetensors" in a["files"] and f"zero{WORLD - 1}.json" in a["files"], a["files"]
+        assert b["loaded"] == {"step": 2, "data_state": {"cursor": 2, "rank": rank}}, b["loaded"]
+        for n in a["params_at_2"]:
+            assert torch.equal(a["params_at_2"][n], b["params_at_2"][n]), f"rank {rank}: {n} loaded differently"
+        assert torch.equal(a["loss_3"], b["loss_3"]), (rank, a["loss_3"].item(), b["loss_3"].item())
+        for n in a["params_at_3"]:
+            assert torch.equal(a["params_at_3"][n], b["params_at_3"][n]), f"rank {rank}: {n} differs after step 3"
+
+
+def test_zero_stage_1_refuses_another_stage_and_an_edited_partition(runs):
+    for rank, b in enumerate(r["stage1"] for r in runs["resume"]):
+        assert ("zero0.json: field zero_stage is 1, this engine runs ZeRO stage 3" in b["stage3_engine"]
+                if rank == 0 else "zero_stage is 1" in b["stage3_engine"] or "another rank failed" in
+                b["stage3_engine"]), b["stage3_engine"]
+        text = "zero1.json: field extra/partition_count is [3]"
+        assert (text in b["edited"]) if rank == 1 else ("another rank failed" in b["edited"]), b["edited"]
+        assert b["unchanged_after_refusals"], rank

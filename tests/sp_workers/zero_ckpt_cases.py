@@ -1,19 +1,22 @@
-"""Checkpoints of a memo + DeepSpeed ZeRO-3 engine (NOTE [ ZeRO-3 checkpoints ]), on gloo.
+"""Checkpoints of a memo + DeepSpeed ZeRO engine (NOTE [ ZeRO checkpoints ]), on gloo.
 
 ``main(rank, world, sp, root, export, phase)``: W = world ranks, memo's sequence parallelism P = sp
-inside one ZeRO-3 engine (memo.integrations.deepspeed.initialize; every parameter partitioned over
-all W ranks); replica d = rank // P trains on sequence ``_ids(step, d)``; torch AdamW + LambdaLR;
-the token embedding frozen (its partitions are saved apart from the optimizer's).
+inside one ZeRO engine (memo.integrations.deepspeed.initialize; ZeRO's partitions span all W
+ranks); replica d = rank // P trains on sequence ``_ids(step, d)``; torch AdamW + LambdaLR; the
+token embedding and the final norm frozen (under ZeRO-3 their partitions are saved apart from the
+optimizer's; the norm is small enough to stay gathered, a "persistent" parameter).
 
-- ``phase="first"``: two steps, ``save_checkpoint(root, step=2)``, ``export_pretrained(export)``, the
-  third step (its loss, then the whole parameters), a second export (it replaces the first); then a
-  save of step 3 that fails on rank 1 (a file-size limit: EFBIG while it writes its partition), then
-  a save every rank leaves by ``os._exit`` right after writing its partition (killed mid-save).
-- ``phase="resume"``: fresh processes and process group, the frozen embedding built differently;
-  refused loads first (a plain model, an SGD optimizer, the torch optimizer instead of the engine's,
-  a truncated partition of rank 1, an edited learning rate in rank 1's partition): nothing changes on
-  any rank; then ``load_checkpoint(root)`` and the third step; then a save of step 3, which removes
-  the killed save's leftovers.
+- ``phase="first"``: under ZeRO stage 1 (root + "-stage1") and under ZeRO-3 with weights and
+  optimizer offloaded to the host (root + "-offload"): two steps, a save, the third step. Under ZeRO-3: two steps, ``save_checkpoint(root, step=2)``, ``export_pretrained(export)``, the
+  third step (its loss, then the whole parameters), a second export over another; then a save of
+  step 3 that fails on rank 1 (a file-size limit: EFBIG while it writes its partition), then a save
+  every rank leaves by ``os._exit`` right after writing its partition (killed mid-save).
+- ``phase="resume"``: fresh processes and process group, the frozen embedding built differently.
+  Stage 1: a ZeRO-3 engine and an edited partition count are refused, then the load and the third
+  step. ZeRO-3: refused loads first (a plain model, an SGD optimizer, the torch optimizer instead of
+  the engine's, a truncated partition of rank 1, an edited learning rate in rank 1's partition):
+  nothing changes on any rank; then ``load_checkpoint(root)`` and the third step; then a save of
+  step 3, which removes the killed save's leftovers.
 """
 
 import json
@@ -48,16 +51,22 @@ def _ids(step: int, replica: int) -> torch.Tensor:
     return torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(100 + step * 97 + replica))
 
 
-def make(sp: int, optimizer_cls=torch.optim.AdamW, other_embedding: bool = False):
+def make(sp: int, stage: int = 3, optimizer_cls=torch.optim.AdamW, other_embedding: bool = False,
+         offload: bool = False):
     model = build("llama", seed=0)
-    embed = model.model.embed_tokens.weight
-    embed.requires_grad_(False)
+    frozen = (model.model.embed_tokens.weight, model.model.norm.weight)   # large, and small (ZeRO-3 persistent)
+    for p in frozen:
+        p.requires_grad_(False)
     if other_embedding:
         with torch.no_grad():
-            embed.add_(0.5)
+            for p in frozen:
+                p.add_(0.5)
     memo.wrap(model, memo.MemoConfig(sequence_parallel_size=sp, **MEMO))
-    config = memo_ds.memo_zero_config(3, micro_batch=1, model=model)
+    plan = {"zero_stage": stage, "micro_batch": 1, "dtype": "fp32", "model": {"model_type": "llama"},
+            "offload_optimizer": offload, "offload_params": offload}
+    config = memo_ds.memo_zero_config(plan, model=model)
     config["gradient_clipping"] = 0.0
+    config["zero_force_ds_cpu_optimizer"] = False   # torch AdamW on the host copies (see ds_offload_cases.py)
     base = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=LR)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base, lambda s: 0.9 ** s)
     engine, optimizer, _, _ = memo_ds.initialize(model, config, optimizer=base)
@@ -75,17 +84,22 @@ def step(engine, scheduler, i: int, rank: int, sp: int) -> torch.Tensor:
 
 def full_params(engine) -> dict:
     params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):   # a no-op below stage 3
         return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
 def local_state(engine, optimizer, scheduler) -> dict:
     """This rank's partitions, fp32 masters, optimizer state, counters and lr: what a refused load must keep."""
     state = optimizer.optimizer.state
-    return {"partitions": {n: p.ds_tensor.detach().clone() for n, p in engine.module.named_parameters()},
-            "fp32": [t.detach().clone() for t in optimizer.fp32_partitioned_groups_flat],
+    zero3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
+    return {"partitions": {n: (p.ds_tensor if zero3 else p).detach().clone()
+                           for n, p in engine.module.named_parameters()},
+            "fp32": [t.detach().clone() for t in (optimizer.fp32_partitioned_groups_flat if zero3 else
+                                                  optimizer.single_partition_of_fp32_groups)],
             "optimizer": [{k: v.detach().clone() for k, v in s.items()} for s in state.values()],
             "counters": (engine.global_steps, engine.global_samples, engine.micro_steps),
+            "scaler": {k: v for k, v in vars(optimizer.loss_scaler).items() if isinstance(v, (bool, int, float))},
+            "rng": torch.get_rng_state(), "buffers": {n: b.clone() for n, b in engine.module.named_buffers()},
             "scheduler": scheduler.state_dict()["last_epoch"], "lr": [g["lr"] for g in optimizer.param_groups]}
 
 
@@ -99,14 +113,31 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def first_variant(rank: int, sp: int, root: str, stage: int, offload: bool) -> dict:
+    """Another ZeRO setup: two steps, a save, the third step."""
+    engine, optimizer, scheduler, _ = make(sp, stage=stage, offload=offload)
+    [step(engine, scheduler, i, rank, sp) for i in range(2)]
+    saved_dir = save_checkpoint(root, model=engine, optimizer=optimizer, scheduler=scheduler, step=2,
+                                data_state={"cursor": 2, "rank": rank})
+    out = {"files": sorted(os.listdir(saved_dir)), "params_at_2": full_params(engine)}
+    out["loss_3"] = step(engine, scheduler, 2, rank, sp)
+    out["params_at_3"] = full_params(engine)
+    engine.destroy()
+    return out
+
+
+VARIANTS = {"stage1": (1, False), "offload": (3, True)}   # ZeRO-1; ZeRO-3 with weights and optimizer on the host
+
+
 def first(rank: int, world: int, sp: int, root: str, export: str) -> dict:
+    out = {name: first_variant(rank, sp, f"{root}-{name}", *v) for name, v in VARIANTS.items()}
     engine, optimizer, scheduler, _ = make(sp)
     losses = [step(engine, scheduler, i, rank, sp) for i in range(2)]
     saved_dir = save_checkpoint(root, model=engine, optimizer=optimizer, scheduler=scheduler, step=2,
                                 data_state={"cursor": 2, "rank": rank})
     export_pretrained(engine, export)
-    out = {"saved_dir": saved_dir, "params_at_2": full_params(engine), "losses": losses,
-           "files": sorted(os.listdir(saved_dir))}
+    out.update({"saved_dir": saved_dir, "params_at_2": full_params(engine), "losses": losses,
+                "files": sorted(os.listdir(saved_dir))})
     out["loss_3"] = step(engine, scheduler, 2, rank, sp)
     out["params_at_3"] = full_params(engine)
     export_pretrained(engine, export + "-twice")
@@ -161,9 +192,44 @@ def _edit_lr(directory: str) -> None:
         json.dump(partition, f)
 
 
+def _edit_partition_count(directory: str) -> None:
+    path = os.path.join(directory, "zero1.json")
+    with open(path) as f:
+        partition = json.load(f)
+    partition["extra"]["partition_count"] = [3]
+    with open(path, "w") as f:
+        json.dump(partition, f)
+
+
+def resume_variant(rank: int, sp: int, root: str, stage: int, offload: bool) -> dict:
+    """The load and the third step; for ZeRO-1 also the refusals of an engine of another stage and of an
+    edited partition count, which change nothing."""
+    out = {}
+    if stage == 1:
+        engine3, optimizer3, _, _ = make(sp, stage=3)
+        out["stage3_engine"] = _error(lambda: load_checkpoint(root, model=engine3, optimizer=optimizer3))
+        engine3.destroy()
+    engine, optimizer, scheduler, _ = make(sp, stage=stage, offload=offload, other_embedding=True)
+    if stage == 1:
+        fresh = local_state(engine, optimizer, scheduler)
+        if rank == 0:
+            _edited_copy(root, root + "-edited", _edit_partition_count)
+        dist.barrier()
+        out["edited"] = _error(lambda: load_checkpoint(root + "-edited", model=engine, optimizer=optimizer,
+                                                       scheduler=scheduler))
+        out["unchanged_after_refusals"] = _same(fresh, local_state(engine, optimizer, scheduler))
+    out["loaded"] = load_checkpoint(root, model=engine, optimizer=optimizer, scheduler=scheduler)
+    out["params_at_2"] = full_params(engine)
+    out["loss_3"] = step(engine, scheduler, 2, rank, sp)
+    out["params_at_3"] = full_params(engine)
+    engine.destroy()
+    return out
+
+
 def resume(rank: int, world: int, sp: int, root: str) -> dict:
     out = {"listing_before": sorted(os.listdir(root)),
-           "tmp_before": sorted(os.listdir(os.path.join(root, ".tmp-save")))}
+           "tmp_before": sorted(os.listdir(os.path.join(root, ".tmp-save"))),
+           **{name: resume_variant(rank, sp, f"{root}-{name}", *v) for name, v in VARIANTS.items()}}
     plain = build("llama", seed=0)
     out["plain_model"] = _error(lambda: load_checkpoint(root, model=plain, optimizer=torch.optim.AdamW(
         plain.parameters(), lr=LR)))
