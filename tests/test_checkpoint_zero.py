@@ -2,8 +2,9 @@
 integrations/checkpoint_zero.py), on 4 gloo ranks: data parallel 2 x sequence parallel 2 inside one
 ZeRO engine (memo.integrations.deepspeed.initialize), the memo-wrapped tiny Llama with its token
 embedding and final norm frozen, torch AdamW + LambdaLR, fp32 on CPU (tests/sp_workers/zero_ckpt_cases.py).
-ZeRO-3 in full; ZeRO stage 1 (whole weights, partitioned optimizer state) and ZeRO-3 with weights and
-optimizer offloaded to the host (DeepSpeed's CPU offload) for the resume, stage 1 also for refusals.
+ZeRO-3 in full; ZeRO stage 1 (whole weights, partitioned optimizer state), ZeRO-3 with weights and
+optimizer offloaded to the host (DeepSpeed's CPU offload), ZeRO-1 in bf16 and ZeRO-3 in fp16 with a
+dynamic loss scaler for the resume, stage 1 also for refusals.
 
 Two launches, so the resume runs in fresh processes and a fresh process group:
 
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from distributed import launch
+from resumed import assert_resumed_exactly
 
 pytest.importorskip("deepspeed")
 
@@ -42,12 +44,7 @@ def test_resume_in_a_fresh_process_group_is_bit_identical(runs):
     for rank, (a, b) in enumerate(zip(runs["first"], runs["resume"])):
         assert b["loaded"] == {"step": 2, "data_state": {"cursor": 2, "rank": rank}}, b["loaded"]
         assert b["counters"] == (2, 4.0, 2), b["counters"]   # the engine's global_steps, samples, micro steps
-        assert a["params_at_2"].keys() == b["params_at_2"].keys()
-        for n in a["params_at_2"]:
-            assert torch.equal(a["params_at_2"][n], b["params_at_2"][n]), f"rank {rank}: {n} loaded differently"
-        assert torch.equal(a["loss_3"], b["loss_3"]), (rank, a["loss_3"].item(), b["loss_3"].item())
-        for n in a["params_at_3"]:
-            assert torch.equal(a["params_at_3"][n], b["params_at_3"][n]), f"rank {rank}: {n} differs after step 3"
+        assert_resumed_exactly(a, b, f"rank {rank}")
     a, b = runs["first"][0], runs["resume"][0]
     # The frozen embedding (not in the optimizer) was built otherwise in the resumed run and came back from
     # the ranks' frozen partitions; the trained parameters moved in step 3.
@@ -113,18 +110,23 @@ def test_export_is_a_plain_pretrained_model(runs):
     assert runs["first"][0]["export_listing"] == ["export", "export-twice"]
 
 
-@pytest.mark.parametrize("variant", ["stage1", "offload"])
-def test_zero_stage_1_and_offloaded_zero_3_resume_bit_identically(runs, variant):
+@pytest.mark.parametrize("variant", ["stage1", "offload", "bf16_stage1", "fp16_stage3"])
+def test_other_zero_setups_resume_bit_identically(runs, variant):
+    """ZeRO-1; ZeRO-3 offloaded to the host; ZeRO-1 in bf16 (the fp32 masters come from the partitions,
+    not from the bf16 weights); ZeRO-3 in fp16 whose dynamic loss scaler overflowed and moved."""
     for rank, (a, b) in enumerate(zip(runs["first"], runs["resume"])):
         a, b = a[variant], b[variant]
         if variant == "stage1":   # whole weights (rank 0) beside every rank's partition of masters and state
             assert "model.safetensors" in a["files"] and f"zero{WORLD - 1}.json" in a["files"], a["files"]
         assert b["loaded"] == {"step": 2, "data_state": {"cursor": 2, "rank": rank}}, b["loaded"]
-        for n in a["params_at_2"]:
-            assert torch.equal(a["params_at_2"][n], b["params_at_2"][n]), f"rank {rank}: {n} loaded differently"
-        assert torch.equal(a["loss_3"], b["loss_3"]), (rank, a["loss_3"].item(), b["loss_3"].item())
-        for n in a["params_at_3"]:
-            assert torch.equal(a["params_at_3"][n], b["params_at_3"][n]), f"rank {rank}: {n} differs after step 3"
+        assert_resumed_exactly(a, b, f"{variant} rank {rank}")
+        # The loss scaler's state and the engine's step counters, restored, then moved alike by step 3.
+        assert a["scaler_at_2"] == b["scaler_at_2"] and a["scaler_at_3"] == b["scaler_at_3"], (a, b)
+    if variant == "fp16_stage3":
+        scaler = runs["first"][0][variant]["scaler_at_2"]
+        assert scaler["dynamic"] and scaler["last_overflow_iter"] >= 0 and scaler["cur_scale"] < 2.0 ** 40, scaler
+    if variant == "bf16_stage1":
+        assert runs["first"][0][variant]["params_at_2"]["lm_head.weight"].dtype == torch.bfloat16
 
 
 def test_zero_stage_1_refuses_another_stage_and_an_edited_partition(runs):

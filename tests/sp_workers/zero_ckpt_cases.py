@@ -52,7 +52,7 @@ def _ids(step: int, replica: int) -> torch.Tensor:
 
 
 def make(sp: int, stage: int = 3, optimizer_cls=torch.optim.AdamW, other_embedding: bool = False,
-         offload: bool = False):
+         offload: bool = False, dtype: str = "fp32"):
     model = build("llama", seed=0)
     frozen = (model.model.embed_tokens.weight, model.model.norm.weight)   # large, and small (ZeRO-3 persistent)
     for p in frozen:
@@ -62,11 +62,13 @@ def make(sp: int, stage: int = 3, optimizer_cls=torch.optim.AdamW, other_embeddi
             for p in frozen:
                 p.add_(0.5)
     memo.wrap(model, memo.MemoConfig(sequence_parallel_size=sp, **MEMO))
-    plan = {"zero_stage": stage, "micro_batch": 1, "dtype": "fp32", "model": {"model_type": "llama"},
+    plan = {"zero_stage": stage, "micro_batch": 1, "dtype": dtype, "model": {"model_type": "llama"},
             "offload_optimizer": offload, "offload_params": offload}
     config = memo_ds.memo_zero_config(plan, model=model)
     config["gradient_clipping"] = 0.0
     config["zero_force_ds_cpu_optimizer"] = False   # torch AdamW on the host copies (see ds_offload_cases.py)
+    if dtype == "fp16":   # a loss scale that overflows fp16 at first: the dynamic scaler's state moves every step
+        config["fp16"].update(initial_scale_power=40, hysteresis=2, loss_scale_window=2)
     base = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=LR)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base, lambda s: 0.9 ** s)
     engine, optimizer, _, _ = memo_ds.initialize(model, config, optimizer=base)
@@ -113,20 +115,30 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def first_variant(rank: int, sp: int, root: str, stage: int, offload: bool) -> dict:
+def _scaler(engine, optimizer) -> dict:
+    fields = {k: v for k, v in vars(optimizer.loss_scaler).items() if isinstance(v, (bool, int, float))}
+    return dict(fields, skipped_steps=engine.skipped_steps, global_steps=engine.global_steps)
+
+
+def first_variant(rank: int, sp: int, root: str, stage: int, offload: bool, dtype: str) -> dict:
     """Another ZeRO setup: two steps, a save, the third step."""
-    engine, optimizer, scheduler, _ = make(sp, stage=stage, offload=offload)
+    engine, optimizer, scheduler, _ = make(sp, stage=stage, offload=offload, dtype=dtype)
     [step(engine, scheduler, i, rank, sp) for i in range(2)]
     saved_dir = save_checkpoint(root, model=engine, optimizer=optimizer, scheduler=scheduler, step=2,
                                 data_state={"cursor": 2, "rank": rank})
-    out = {"files": sorted(os.listdir(saved_dir)), "params_at_2": full_params(engine)}
+    out = {"files": sorted(os.listdir(saved_dir)), "params_at_2": full_params(engine),
+           "scaler_at_2": _scaler(engine, optimizer)}
     out["loss_3"] = step(engine, scheduler, 2, rank, sp)
     out["params_at_3"] = full_params(engine)
+    out["scaler_at_3"] = _scaler(engine, optimizer)
     engine.destroy()
     return out
 
 
-VARIANTS = {"stage1": (1, False), "offload": (3, True)}   # ZeRO-1; ZeRO-3 with weights and optimizer on the host
+# ZeRO-1; ZeRO-3 with weights and optimizer on the host; ZeRO-1 in bf16 (bf16 weights, fp32 masters);
+# ZeRO-3 in fp16 with DeepSpeed's dynamic loss scaler.
+VARIANTS = {"stage1": (1, False, "fp32"), "offload": (3, True, "fp32"), "bf16_stage1": (1, False, "bf16"),
+            "fp16_stage3": (3, False, "fp16")}
 
 
 def first(rank: int, world: int, sp: int, root: str, export: str) -> dict:
@@ -201,7 +213,7 @@ def _edit_partition_count(directory: str) -> None:
         json.dump(partition, f)
 
 
-def resume_variant(rank: int, sp: int, root: str, stage: int, offload: bool) -> dict:
+def resume_variant(rank: int, sp: int, root: str, stage: int, offload: bool, dtype: str) -> dict:
     """The load and the third step; for ZeRO-1 also the refusals of an engine of another stage and of an
     edited partition count, which change nothing."""
     out = {}
@@ -209,7 +221,7 @@ def resume_variant(rank: int, sp: int, root: str, stage: int, offload: bool) -> 
         engine3, optimizer3, _, _ = make(sp, stage=3)
         out["stage3_engine"] = _error(lambda: load_checkpoint(root, model=engine3, optimizer=optimizer3))
         engine3.destroy()
-    engine, optimizer, scheduler, _ = make(sp, stage=stage, offload=offload, other_embedding=True)
+    engine, optimizer, scheduler, _ = make(sp, stage=stage, offload=offload, dtype=dtype, other_embedding=True)
     if stage == 1:
         fresh = local_state(engine, optimizer, scheduler)
         if rank == 0:
@@ -220,8 +232,10 @@ def resume_variant(rank: int, sp: int, root: str, stage: int, offload: bool) -> 
         out["unchanged_after_refusals"] = _same(fresh, local_state(engine, optimizer, scheduler))
     out["loaded"] = load_checkpoint(root, model=engine, optimizer=optimizer, scheduler=scheduler)
     out["params_at_2"] = full_params(engine)
+    out["scaler_at_2"] = _scaler(engine, optimizer)
     out["loss_3"] = step(engine, scheduler, 2, rank, sp)
     out["params_at_3"] = full_params(engine)
+    out["scaler_at_3"] = _scaler(engine, optimizer)
     engine.destroy()
     return out
 
