@@ -106,6 +106,10 @@ class MemoConfig:
     # Tokens per chunk of the LM head and loss, so (sequence x vocabulary) logits never exist.
     # 4096 tokens x 128K vocabulary x fp32 = 2 GiB per chunk. None leaves the model's own loss.
     loss_chunk_size: Optional[int] = 4096
+    # With the chunked loss, the decoder's final norm runs chunk by chunk inside it, so no normed
+    # (sequence x hidden) tensor, its gradient or its fp32 intermediates exist (NOTE [ Chunked loss
+    # with the final norm ] in memo/loss.py). False applies the norm to the whole sequence first.
+    fuse_final_norm: bool = True
     # "keep" swaps activations in their own dtype (exact). "bf16"/"fp16" store fp32 activations at
     # half size on the host (lossy: gradients are then no longer bit-exact).
     offload_dtype: str = "keep"
@@ -167,6 +171,8 @@ class MemoConfig:
                 # an int would be opened as a file descriptor: plan=0 read the process's stdin
                 raise MemoError(f"memo.config: plan={self.plan!r} is not a path; pass the path of the plan file "
                                 f"written by `memo plan ... --out plan.json`, or None")
+        if not isinstance(self.fuse_final_norm, bool):
+            raise MemoError(f"memo.config: fuse_final_norm={self.fuse_final_norm!r} must be True or False")
         if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size <= 0):
             raise MemoError(f"memo.config: loss_chunk_size={self.loss_chunk_size!r} must be a positive int or None")
         from memo.tiling import check_tile_setting

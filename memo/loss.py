@@ -38,6 +38,7 @@ from memo.errors import MemoError
 
 __all__ = [
     "ChunkedLMLossFunction",
+    "NormedChunkedLMLossFunction",
     "chunked_causal_lm_loss",
     "chunked_loss_backward",
     "chunked_loss_forward",
@@ -188,6 +189,95 @@ class ChunkedLMLossFunction(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None
 
 
+class NormedChunkedLMLossFunction(torch.autograd.Function):
+    """The chunked loss with the final norm inside it (NOTE [ Chunked loss with the final norm ]).
+
+    NOTE [ Chunked loss with the final norm ]
+      1. The decoder's final norm acts on each token alone, so ``norm(hidden)[a:b]`` is
+         ``norm(hidden[a:b])``; memo runs it chunk by chunk inside the loss, and the normed hidden
+         states of the whole sequence, the norm's fp32 intermediates and the (tokens x hidden)
+         gradient of its output never exist at once: forward keeps only the norm's input (already
+         alive: the last layer's output) and the per-token log-sum-exp.
+      2. Backward reruns the norm on each chunk (one elementwise pass per token, a fraction of a
+         percent of a step), takes the chunk's loss gradient through it with autograd, and
+         accumulates the norm's parameter gradients in fp32 (like the head's), returned as this
+         Function's gradients, so every framework's gradient hooks see one gradient per parameter.
+      3. Forward values equal the unfused model's (the same per-token ops); the parameter
+         gradients are sums over chunks, so they differ from one sum over the sequence by
+         rounding only (within twice the plain fp32 model's error; tests/test_loss.py).
+    """
+
+    @staticmethod
+    def _starts(n: int, opts: dict) -> list[int]:
+        """Where the chunks start. ``opts["profile_chunks"] = k`` (memo plan's profile, memo/profile.py):
+        the first k - 1 chunks and the last only -- the others allocate as those do -- so profiling a
+        million-token head takes k chunks' ops; the loss it computes is then not the model's."""
+        starts = list(range(0, n, opts["chunk_size"]))
+        k = opts.get("profile_chunks")
+        return starts if not k or len(starts) <= k else starts[:k - 1] + starts[-1:]
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, norm, opts, *norm_params):
+        n = hidden.shape[0]
+        chunk = opts["chunk_size"]
+        loss_opts = {k: v for k, v in opts.items() if k != "profile_chunks"}
+        acc = _acc_dtype(torch.get_autocast_dtype(hidden.device.type)
+                         if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        total = None
+        for start in NormedChunkedLMLossFunction._starts(n, opts):
+            y = norm(hidden[start:start + chunk])
+            loss_sum, lse[start:start + chunk] = chunked_loss_forward(y, weight, bias, targets[start:start + chunk],
+                                                                      **loss_opts)
+            total = loss_sum if total is None else total.add_(loss_sum)   # in order, as the unfused loss sums
+            del y
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, *norm_params)
+        ctx.norm, ctx.opts, ctx.starts = norm, loss_opts, NormedChunkedLMLossFunction._starts(n, opts)
+        dev = hidden.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss_sum):
+        hidden, weight, bias, targets, lse, *norm_params = ctx.saved_tensors
+        dev, enabled, dtype = ctx.autocast
+        chunk = ctx.opts["chunk_size"]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        wanted = [p for p, need in zip(norm_params, ctx.needs_input_grad[6:]) if need]
+        acc = lse.dtype
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        grad_params = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in wanted]
+        for start in ctx.starts:
+            end = min(start + chunk, hidden.shape[0])
+            x = hidden[start:end].detach().requires_grad_(need_h)
+            with torch.enable_grad(), torch.autocast(dev, enabled=enabled, dtype=dtype):
+                y = ctx.norm(x)
+            with torch.autocast(dev, enabled=enabled, dtype=dtype):
+                gy, gw, gb = chunked_loss_backward(grad_loss_sum, y.detach(), weight, bias, targets[start:end],
+                                                   lse[start:end], needs_grad=(True, need_w, need_b), **ctx.opts)
+            if gw is not None:
+                grad_weight.add_(gw)
+            if gb is not None:
+                grad_bias.add_(gb)
+            inputs = ([x] if need_h else []) + wanted
+            if inputs:
+                grads = torch.autograd.grad(y, inputs, gy, allow_unused=True)
+                if need_h:
+                    grad_hidden[start:end] = grads[0]
+                    grads = grads[1:]
+                for acc_grad, g in zip(grad_params, grads):
+                    if g is not None:
+                        acc_grad.add_(g)
+            del x, y, gy
+        it = iter(grad_params)
+        param_grads = [next(it).to(p.dtype) if need else None
+                       for p, need in zip(norm_params, ctx.needs_input_grad[6:])]
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, *param_grads)
+
+
 def _fail(msg: str) -> MemoError:
     return MemoError(f"memo.loss: {msg}")
 
@@ -227,7 +317,8 @@ def chunked_causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Optional[Tens
                            bias: Optional[Tensor] = None,
                            num_items_in_batch: Union[int, Tensor, None] = None,
                            ignore_index: int = -100, shift_labels: Optional[Tensor] = None,
-                           logit_scale: Optional[float] = None, softcap: Optional[float] = None) -> Tensor:
+                           logit_scale: Optional[float] = None, softcap: Optional[float] = None,
+                           norm: Optional[torch.nn.Module] = None) -> Tensor:
     """Causal-LM loss of ``linear(hidden, weight, bias)`` without materialising the logits.
 
     hidden: (batch, seq, hidden); weight: (vocab, hidden), e.g. ``lm_head.weight`` (tied to the
@@ -235,7 +326,8 @@ def chunked_causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Optional[Tens
     ``ignore_index`` where no loss is taken -- or ``shift_labels`` (batch, seq) already shifted,
     as HF passes them under context parallelism. ``logit_scale`` (Cohere) and ``softcap``
     (Gemma2/3 ``final_logit_softcapping``) reproduce those models' heads; see
-    :func:`head_options_from_config`.
+    :func:`head_options_from_config`. ``norm``: the decoder's final norm, when ``hidden`` is its
+    input: it then runs chunk by chunk inside the loss (NOTE [ Chunked loss with the final norm ]).
 
     Returns a fp32 scalar equal to transformers' ``ForCausalLMLoss``: the sum over non-ignored
     tokens divided by ``num_items_in_batch`` if given, else their mean (NaN when every token is
@@ -249,9 +341,14 @@ def chunked_causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Optional[Tens
         shift_labels = padded[..., 1:]
     targets = shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    loss_sum = ChunkedLMLossFunction.apply(flat, weight, bias, targets, chunk_size, ignore_index,
-                                              None if logit_scale is None else float(logit_scale),
-                                              None if softcap is None else float(softcap))
+    logit_scale = None if logit_scale is None else float(logit_scale)
+    softcap = None if softcap is None else float(softcap)
+    if norm is not None:
+        opts = dict(chunk_size=chunk_size, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap)
+        loss_sum = NormedChunkedLMLossFunction.apply(flat, weight, bias, targets, norm, opts, *norm.parameters())
+    else:
+        loss_sum = ChunkedLMLossFunction.apply(flat, weight, bias, targets, chunk_size, ignore_index, logit_scale,
+                                               softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss_sum.device)

@@ -541,8 +541,10 @@ def _profile_embedding(model: dict, micro_batch: int, local: int) -> tuple[Trace
 
 def _profile_head(model: dict, cfg, norm_cls, micro_batch: int, local: int, chunk: Optional[int]) -> Trace:
     """Final norm, LM head and cross-entropy, forward and backward as one block. With a chunk
-    size the logits of only ``chunk`` tokens exist at a time (chunked loss); the gradient of the
-    normed hidden states is accumulated in one (tokens, hidden) buffer."""
+    size it runs memo's own chunked loss with the final norm fused into it (NOTE [ Chunked loss
+    with the final norm ] in memo/loss.py): the norm, the logits and their gradients exist for
+    ``chunk`` tokens at a time. Without, the model's own: the norm over the whole sequence, the
+    logits of the whole sequence."""
     h, v = model["hidden"], model["vocab"]
     if model["model_type"] == "gpt2" or norm_cls is None:
         norm = torch.nn.LayerNorm(h)
@@ -555,18 +557,20 @@ def _profile_head(model: dict, cfg, norm_cls, micro_batch: int, local: int, chun
     rec = AllocationRecorder(static)
     rec.add(_storage_key(hidden), hidden.untyped_storage().nbytes(), "layer_input", "argument", start=0)
     rec.step = -1
-    c = local if not chunk else min(chunk, local)
     with rec:
-        normed = norm(hidden)
-        leaf = normed.detach().requires_grad_()
-        grad_acc = torch.zeros_like(leaf)
-        piece = leaf[:, :c].detach().requires_grad_()
-        logits = head(piece).float()
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, v), labels[:, :c].reshape(-1))
-        loss.backward()
-        grad_acc[:, :c] += piece.grad
-        del logits, loss, piece
-        normed.backward(grad_acc)
+        if chunk:   # memo's own code, on the first two chunks and the last (the others allocate alike)
+            from memo.loss import NormedChunkedLMLossFunction
+            targets = torch.zeros(micro_batch * local, dtype=torch.long)
+            opts = dict(chunk_size=min(chunk, local), ignore_index=-100, logit_scale=None, softcap=None,
+                        profile_chunks=3)
+            NormedChunkedLMLossFunction.apply(hidden.view(-1, h), head.weight, None, targets, norm, opts,
+                                              *norm.parameters()).backward()
+        else:
+            normed = norm(hidden)
+            logits = head(normed).float()
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, v), labels.reshape(-1))
+            del logits
+            loss.backward()
     trace = rec.close()
     gkeys = {_storage_key(p.grad) for p in (*norm.parameters(), head.weight) if p.grad is not None}
     for r in trace.allocs:

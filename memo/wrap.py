@@ -88,6 +88,13 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
             _check_chunkable(model)
         runtime.original_model_forward = model.forward
         model.forward = functools.partial(_causal_lm_forward, model, runtime)
+        norm = getattr(base, "norm", None)
+        if config.loss_chunk_size is not None and config.fuse_final_norm and isinstance(norm, torch.nn.Module):
+            # NOTE [ Chunked loss with the final norm ] in memo/loss.py: the decoder stack skips its
+            # final norm while the chunked loss runs it chunk by chunk.
+            runtime.final_norm, runtime.final_norm_deferred = norm, False
+            runtime.original_norm_forward = norm.forward
+            norm.forward = functools.partial(_final_norm_forward, runtime)
     if runtime.sp is None:   # NOTE [ Grouped heads and the math path ] in memo/attention/sdpa.py
         from memo.attention.hf import bind
         from memo.attention.sdpa import install as install_sdpa
@@ -96,6 +103,12 @@ def wrap(model: torch.nn.Module, config: Optional[MemoConfig] = None) -> torch.n
         runtime.sp_binding = bind(layers, one_process())   # packed batches: NOTE [ Packed documents ]
     setattr(model, _ATTR, runtime)
     return model
+
+
+def _final_norm_forward(runtime: MemoRuntime, hidden_states, *args, **kwargs):
+    if runtime.final_norm_deferred:
+        return hidden_states
+    return runtime.original_norm_forward(hidden_states, *args, **kwargs)
 
 
 def _layer_forward(runtime: MemoRuntime, index: int, layer: torch.nn.Module, hidden_states, *args, **kwargs):
@@ -140,6 +153,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     del runtime.base.forward
     if getattr(runtime, "original_model_forward", None) is not None:
         del model.forward
+    if getattr(runtime, "final_norm", None) is not None:
+        del runtime.final_norm.forward
     if runtime.sp is not None:
         from memo.attention.hf import uninstall
         uninstall(model, runtime.layers, runtime.original_attn_implementation)
@@ -213,14 +228,21 @@ def _causal_lm_forward(model, runtime: MemoRuntime, input_ids=None, attention_ma
             logits_to_keep=logits_to_keep, num_items_in_batch=num_items, shift_labels=shift_labels, **kwargs)
         out.loss = _sequence_parallel_loss(runtime, out.loss)
         return out
-    outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          inputs_embeds=inputs_embeds,
-                          use_cache=False if use_cache is None else use_cache, **kwargs)
-    hidden = outputs.last_hidden_state
+    norm = getattr(runtime, "final_norm", None)
+    if kwargs.get("output_hidden_states") or getattr(model.config, "output_hidden_states", False):
+        norm = None   # the caller reads the normed last hidden state: the stack applies the norm itself
+    runtime.final_norm_deferred = norm is not None
+    try:
+        outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds,
+                              use_cache=False if use_cache is None else use_cache, **kwargs)
+    finally:
+        runtime.final_norm_deferred = False
+    hidden = outputs.last_hidden_state   # the final norm's input when ``norm`` is fused into the loss
     loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, None if shift_labels is not None else labels,
                                   chunk_size=runtime.config.loss_chunk_size,
                                   bias=model.lm_head.bias, num_items_in_batch=num_items, shift_labels=shift_labels,
-                                  **head_options_from_config(model.config))
+                                  norm=norm, **head_options_from_config(model.config))
     loss = _sequence_parallel_loss(runtime, loss)
     # (the cache field: "cache" since transformers 5.x, a cache passed in as "past_key_values" or "cache"
     # travels in **kwargs)

@@ -378,3 +378,91 @@ def test_memo_wrap_uses_the_chunked_loss_or_leaves_the_models_own(chunk):
     for name, p in model64.named_parameters():
         ulp = torch.finfo(torch.float32).eps * p.grad.abs().max().item()   # as in the end-to-end test
         _assert_within_twice_plain(got[1][name], plain[1][name], p.grad, name, floor=ulp)
+
+
+# --- the final norm fused into the chunked loss (NOTE [ Chunked loss with the final norm ]) -----------------
+@pytest.mark.parametrize("norm_kind", ["rms", "layernorm"])
+def test_the_final_norm_fused_into_the_loss_matches_the_norm_before_it(norm_kind):
+    """Loss and gradients through ``chunked_causal_lm_loss(x, ..., norm=norm)`` against the norm applied to
+    the whole sequence first: the same loss bits, and gradients within twice the plain fp32 error vs fp64
+    (the norm's parameter gradients are summed per chunk)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    gen = torch.Generator().manual_seed(11)
+    batch, seq, chunk = 2, 45, 7
+    x = torch.randn(batch, seq, HIDDEN, generator=gen) * 3
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN ** 0.5
+    labels = _labels(batch, seq, gen=gen)
+
+    def make_norm(dtype):
+        torch.manual_seed(3)
+        norm = LlamaRMSNorm(HIDDEN, eps=1e-6) if norm_kind == "rms" else torch.nn.LayerNorm(HIDDEN)
+        with torch.no_grad():
+            for p in norm.parameters():
+                p.add_(torch.randn(p.shape) * 0.1)
+        return norm.to(dtype)
+
+    def run(dtype, fused):
+        norm = make_norm(dtype)
+        xs, w = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        if fused:
+            loss = chunked_causal_lm_loss(xs, w, labels, chunk_size=chunk, norm=norm)
+        elif dtype == torch.float64:
+            loss = _ref64(norm(xs), w, labels)
+        else:
+            loss = chunked_causal_lm_loss(norm(xs), w, labels, chunk_size=chunk)
+        grads = torch.autograd.grad(loss, [xs, w, *norm.parameters()])
+        return loss.detach().double(), [g.double() for g in grads]
+
+    fused, plain, ref = run(torch.float32, True), run(torch.float32, False), run(torch.float64, False)
+    assert fused[0].item() == plain[0].item()   # per-token norm, the same chunks: the same loss bits
+    names = ["hidden", "head weight"] + [f"norm {n}" for n, _ in make_norm(torch.float32).named_parameters()]
+    assert len(names) == len(fused[1]) >= 3
+    for name, g, p, r in zip(names, fused[1], plain[1], ref[1]):
+        _assert_within_twice_plain(g, p, r, name)
+
+
+def test_the_fused_final_norm_keeps_no_sequence_sized_norm_tensors():
+    """Peak bytes (memo.memtrack) of loss + backward with the norm fused vs the norm before the loss: the
+    fused run saves at least three (tokens x hidden) fp32 tensors (normed output, its gradient, the norm's
+    fp32 intermediates)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from memo.memtrack import track_storages
+    batch, seq, hidden_size, vocab, chunk = 1, 2048, 64, 256, 128
+    x = torch.randn(batch, seq, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq))
+    norm = LlamaRMSNorm(hidden_size)
+    with track_storages() as tr, _PeakLive(tr) as unfused:
+        chunked_causal_lm_loss(norm(x), weight, labels, chunk_size=chunk).backward()
+    x.grad = weight.grad = norm.weight.grad = None
+    with track_storages() as tr, _PeakLive(tr) as fused:
+        chunked_causal_lm_loss(x, weight, labels, chunk_size=chunk, norm=norm).backward()
+    sequence_tensor = seq * hidden_size * 4
+    assert fused.peak + 3 * sequence_tensor <= unfused.peak, (fused.peak, unfused.peak, sequence_tensor)
+
+
+def test_memo_wrap_fuses_the_final_norm_unless_hidden_states_are_asked_for():
+    import memo
+    from memo.wrap import runtime_of
+    model = _tiny_llama(tie=False)
+    gen = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, VOCAB, (1, 40), generator=gen)
+    plain = model(input_ids, labels=input_ids, output_hidden_states=True)
+    calls = []
+    # (tokens normed, or "skipped" when the decoder stack's call returns its input untouched)
+    model.model.norm.register_forward_hook(
+        lambda m, args, out: calls.append("skipped" if out is args[0] else args[0].shape[:-1].numel()))
+    memo.wrap(model, memo.MemoConfig(swap_ratio=1.0, keep_last_layers=0, loss_chunk_size=16,
+                                     host_memory_budget="1GiB"))
+    try:
+        assert runtime_of(model).final_norm is model.model.norm
+        model(input_ids, labels=input_ids).loss.backward()
+        # The stack skips it; the loss runs it per chunk in forward and again in backward, never on 40 tokens.
+        assert calls == ["skipped", 16, 16, 8, 16, 16, 8], calls
+        del calls[:]
+        out = model(input_ids, labels=input_ids, output_hidden_states=True)
+        assert calls == [40] and torch.equal(out.hidden_states[-1], plain.hidden_states[-1])
+    finally:
+        memo.unwrap(model)
+    assert "forward" not in model.model.norm.__dict__

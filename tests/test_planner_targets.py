@@ -55,7 +55,7 @@ def tinyllama_1m(capsys_module, tmp_path_factory):
     path = tmp_path_factory.mktemp("targets") / "config.json"
     path.write_text(json.dumps(TINYLLAMA))
     return _plan(capsys_module, "--model", str(path), "--seq-len", "1M", "--gpus", "1", "--sp", "1",
-                 "--host-memory", "1TiB", "--no-mip")
+                 "--host-memory", "1TiB", "--no-mip", "--max-seq-len")
 
 
 def test_llama3_8b_on_8_h100_at_1m(capsys):
@@ -87,7 +87,10 @@ def test_job_that_does_not_fit_is_answered_within_a_minute(eight_gpus_8m):
     # Past ALST's published 3.7M on 8 H100s, reached with ZeRO-3, optimizer offload, every layer "input".
     assert plan["max_seq_len"] >= 4 << 20
     assert search["options"]["zero_stage"] == 3 and search["options"]["offload_optimizer"]
-    assert search["options"]["policy_counts"]["input"] == 32
+    assert search["options"]["policy_counts"]["input"] >= 31
+    # The final norm runs chunk by chunk inside the chunked loss (NOTE [ Chunked loss with the final norm ]):
+    # 4,612,096 tokens before it.
+    assert plan["max_seq_len"] >= 5_000_000
     assert search["limit"]["kind"] == "device arena"
     assert "Smallest changes that fit" in err and f"--seq-len {plan['max_seq_len']}" in err
 
@@ -98,9 +101,9 @@ def test_target_4m_on_8_h100(capsys):
     code, plan, err, _ = _plan(capsys, "--model", "llama3-8b", "--seq-len", "4M", "--gpus", "8", "--sp", "8",
                                "--host-memory", "2TiB", "--offload-optimizer", "--no-mip")
     assert code == 0 and plan["fits"], err
-    assert plan["zero_stage"] == 3 and plan["tile_tokens"] == 9216
-    assert set(plan["layer_policies"]) == {"input"}
-    assert plan["predicted"]["device_peak_bytes"] <= 80e9 and plan["predicted"]["mfu"] >= 0.28
+    assert plan["zero_stage"] in (2, 3) and plan["tile_tokens"] == 9216   # ZeRO-2 since the fused final norm
+    assert set(plan["layer_policies"]) <= {"input", "kept"} and plan["layer_policies"].count("input") >= 31
+    assert plan["predicted"]["device_peak_bytes"] <= 80 * GIB and plan["predicted"]["mfu"] >= 0.28
 
 
 def test_llama3_8b_on_1_h100(one_gpu_512k):
@@ -126,6 +129,9 @@ def test_target_500k_on_1_h100(one_gpu_512k):
 
 def test_target_1m_tinyllama_on_1_h100(tinyllama_1m):
     code, plan, err, _ = tinyllama_1m
+    # 1M fits as asked (no offload) since the final norm runs inside the chunked loss; the longest
+    # (weights and optimizer offloaded) is past 1.3M, 1,187,840 before.
+    assert code == 0 and plan["fits"], err
     search = plan["max_seq_len_search"]
-    assert plan["max_seq_len"] >= 1 << 20 and search["options"]["offload_optimizer"]
+    assert plan["max_seq_len"] >= 1_300_000 and search["options"]["offload_optimizer"]
     assert search["limit"]["kind"] == "device arena"
