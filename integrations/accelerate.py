@@ -193,6 +193,9 @@ class MemoPlugin:
     loss_chunk_size: Union[int, str, None] = field(default=None, metadata=_help(
         "Tokens per chunk of the LM head and loss (default 4096), or 'none' for the model's own loss. "
         "Env: MEMO_LOSS_CHUNK_SIZE.", "chunk"))
+    fuse_final_norm: Optional[bool] = field(default=None, metadata=_help(
+        "with the chunked loss, run the decoder's final norm chunk by chunk inside it (default true). Env: "
+        "MEMO_FUSE_FINAL_NORM.", "bool"))
     offload_dtype: Optional[str] = field(default=None, metadata=_help(
         "'keep' (exact, default), 'bf16' or 'fp16' (fp32 activations stored at half size). "
         "Env: MEMO_OFFLOAD_DTYPE.", "choice"))

@@ -225,13 +225,15 @@ class NormedChunkedLMLossFunction(torch.autograd.Function):
                          if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         total = None
+        call, _ = _norm_call(norm)   # (its weights gathered by the caller, chunked_causal_lm_loss)
         for start in NormedChunkedLMLossFunction._starts(n, opts):
-            y = norm(hidden[start:start + chunk])
+            y = call(hidden[start:start + chunk])
             loss_sum, lse[start:start + chunk] = chunked_loss_forward(y, weight, bias, targets[start:start + chunk],
                                                                       **loss_opts)
             total = loss_sum if total is None else total.add_(loss_sum)   # in order, as the unfused loss sums
             del y
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, *norm_params)
+        # The norm's parameters are not saved: backward reads them from the module, gathered (ZeRO-3).
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.norm, ctx.opts, ctx.starts = norm, loss_opts, NormedChunkedLMLossFunction._starts(n, opts)
         dev = hidden.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
@@ -239,21 +241,30 @@ class NormedChunkedLMLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss_sum):
-        hidden, weight, bias, targets, lse, *norm_params = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        call, gathered = _norm_call(ctx.norm)
+        with gathered():
+            return NormedChunkedLMLossFunction._backward(ctx, grad_loss_sum, hidden, weight, bias, targets, lse, call)
+
+    @staticmethod
+    def _backward(ctx, grad_loss_sum, hidden, weight, bias, targets, lse, call):
         dev, enabled, dtype = ctx.autocast
         chunk = ctx.opts["chunk_size"]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        norm_params = list(ctx.norm.parameters())
+        shapes = [(p.shape, p.dtype, p.device) for p in norm_params]
         wanted = [p for p, need in zip(norm_params, ctx.needs_input_grad[6:]) if need]
         acc = lse.dtype
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        grad_params = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in wanted]
+        grad_params = [torch.zeros(shape, dtype=acc, device=device)
+                       for (shape, _, device), need in zip(shapes, ctx.needs_input_grad[6:]) if need]
         for start in ctx.starts:
             end = min(start + chunk, hidden.shape[0])
             x = hidden[start:end].detach().requires_grad_(need_h)
             with torch.enable_grad(), torch.autocast(dev, enabled=enabled, dtype=dtype):
-                y = ctx.norm(x)
+                y = call(x)
             with torch.autocast(dev, enabled=enabled, dtype=dtype):
                 gy, gw, gb = chunked_loss_backward(grad_loss_sum, y.detach(), weight, bias, targets[start:end],
                                                    lse[start:end], needs_grad=(True, need_w, need_b), **ctx.opts)
@@ -272,10 +283,25 @@ class NormedChunkedLMLossFunction(torch.autograd.Function):
                         acc_grad.add_(g)
             del x, y, gy
         it = iter(grad_params)
-        param_grads = [next(it).to(p.dtype) if need else None
-                       for p, need in zip(norm_params, ctx.needs_input_grad[6:])]
+        param_grads = [next(it).to(dtype_) if need else None
+                       for (_, dtype_, _), need in zip(shapes, ctx.needs_input_grad[6:])]
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, *param_grads)
+
+
+def _norm_call(norm: torch.nn.Module):
+    """``(call, gathered)``: how the fused loss runs the final norm. Under DeepSpeed ZeRO-3 the norm's
+    weights are partitioned outside its forward, and the loss runs it in backward too: ``gathered()``
+    holds them whole (``deepspeed.zero.GatheredParameters``) and ``call`` is the module's forward
+    without its hooks (the hooks would release them at the end of each call). Elsewhere the module
+    is called as usual and ``gathered()`` does nothing."""
+    import contextlib
+    params = list(norm.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return norm, contextlib.nullcontext
+    import deepspeed
+    forward = type(norm).forward.__get__(norm)   # memo.wrap's override of norm.forward is an instance attribute
+    return forward, lambda: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _fail(msg: str) -> MemoError:
@@ -345,7 +371,8 @@ def chunked_causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Optional[Tens
     softcap = None if softcap is None else float(softcap)
     if norm is not None:
         opts = dict(chunk_size=chunk_size, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap)
-        loss_sum = NormedChunkedLMLossFunction.apply(flat, weight, bias, targets, norm, opts, *norm.parameters())
+        with _norm_call(norm)[1]():   # ZeRO-3: the norm's weights whole while the Function records them
+            loss_sum = NormedChunkedLMLossFunction.apply(flat, weight, bias, targets, norm, opts, *norm.parameters())
     else:
         loss_sum = ChunkedLMLossFunction.apply(flat, weight, bias, targets, chunk_size, ignore_index, logit_scale,
                                                softcap)
