@@ -45,6 +45,10 @@ def main():
     }
     with open(os.path.join(out_dir, f"{accelerator.process_index}.json"), "w") as f:
         json.dump(seen, f)
+    # Leave together: a rank exiting while gloo still serves its peer aborts ("terminate called without
+    # an active exception", exit 134; seen once in a fresh-clone run).
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
