@@ -65,6 +65,18 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], logit_scale
     return z.to(_acc_dtype(z.dtype)), t
 
 
+def _autocast_of(t: Tensor) -> tuple:
+    """(device type, enabled, dtype) of autocast now, for a Function's backward to re-enter."""
+    dev = t.device.type
+    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+
+
+def _loss_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the loss and per-token log-sum-exp accumulate in: see :func:`_acc_dtype`."""
+    dev, enabled, dtype = _autocast_of(hidden)
+    return _acc_dtype(dtype if enabled else hidden.dtype)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 (``ForCausalLMLoss``'s ``logits.float()``); fp64 stays fp64.
 
@@ -86,8 +98,7 @@ def chunked_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     :func:`chunked_loss_backward` needs (see NOTE [ Chunked loss: recompute logits in backward ]).
     """
     n = hidden.shape[0]
-    acc = _acc_dtype(torch.get_autocast_dtype(hidden.device.type)
-                     if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
+    acc = _loss_dtype(hidden)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
     for start in range(0, n, chunk_size):
@@ -175,8 +186,7 @@ class ChunkedLMLossFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.opts = dict(chunk_size=chunk_size, ignore_index=ignore_index, logit_scale=logit_scale,
                         softcap=softcap)
-        dev = hidden.device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.autocast = _autocast_of(hidden)
         return loss_sum
 
     @staticmethod
@@ -221,12 +231,11 @@ class NormedChunkedLMLossFunction(torch.autograd.Function):
         n = hidden.shape[0]
         chunk = opts["chunk_size"]
         loss_opts = {k: v for k, v in opts.items() if k != "profile_chunks"}
-        acc = _acc_dtype(torch.get_autocast_dtype(hidden.device.type)
-                         if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=_loss_dtype(hidden), device=hidden.device)
         total = None
         call, _ = _norm_call(norm)   # (its weights gathered by the caller, chunked_causal_lm_loss)
-        for start in NormedChunkedLMLossFunction._starts(n, opts):
+        starts = NormedChunkedLMLossFunction._starts(n, opts)
+        for start in starts:
             y = call(hidden[start:start + chunk])
             loss_sum, lse[start:start + chunk] = chunked_loss_forward(y, weight, bias, targets[start:start + chunk],
                                                                       **loss_opts)
@@ -234,9 +243,8 @@ class NormedChunkedLMLossFunction(torch.autograd.Function):
             del y
         # The norm's parameters are not saved: backward reads them from the module, gathered (ZeRO-3).
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.norm, ctx.opts, ctx.starts = norm, loss_opts, NormedChunkedLMLossFunction._starts(n, opts)
-        dev = hidden.device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.norm, ctx.opts, ctx.starts = norm, loss_opts, starts
+        ctx.autocast = _autocast_of(hidden)
         return total
 
     @staticmethod

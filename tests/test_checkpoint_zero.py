@@ -26,8 +26,6 @@ import torch
 from distributed import launch
 from resumed import assert_resumed_exactly
 
-pytest.importorskip("deepspeed")
-
 WORLD, SP = 4, 2
 
 
